@@ -1,0 +1,7 @@
+"""minilm: build, size and train GPT-style language models, from scratch, to learn how."""
+
+from minilm.config import Config, ConfigError, ParameterEstimateWarning, load_config
+from minilm.model import GPT
+
+__all__ = ["GPT", "Config", "ConfigError", "ParameterEstimateWarning", "load_config"]
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""Causal multi-head self-attention, twice: a readable einops version and the fused kernel.
+
+Both paths share the same Q/K/V and output projections, so they are interchangeable on
+the same weights (``tests/test_attention.py`` checks forward and gradients agree).
+
+Shapes: B batch, T sequence length, C = d_model, H heads, D = C // H head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+    """softmax(q kᵀ / √D + causal mask) v, written out step by step.
+
+    q, k, v: (B, H, T, D) -> (B, H, T, D). ``dropout`` acts on the attention weights.
+    """
+    T, D = q.shape[-2], q.shape[-1]
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)  # (B, H, T, T)
+    # Position i may look at positions j <= i only: mask the strict upper triangle.
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    scores = scores.masked_fill(future, float("-inf"))
+    weights = dropout(torch.softmax(scores, dim=-1))  # (B, H, T, T), rows sum to 1
+    return torch.einsum("bhij,bhjd->bhid", weights, v)  # (B, H, T, D)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused QKV projection (GPT-2 layout).
+
+    ``impl='manual'`` runs :func:`manual_attention`; ``impl='sdpa'`` runs
+    ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels
+    where available). Parameters: QKV 3C² + 3C, output C² + C (biases if ``bias``).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, impl: str = "sdpa"):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        if impl not in ("sdpa", "manual"):
+            raise ValueError(f"impl must be 'sdpa' or 'manual', got {impl!r}")
+        self.n_heads = n_heads
+        self.impl = impl
+        self.dropout_p = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+        # Split the fused projection into q, k, v and each into heads: (3, B, H, T, D).
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
+        if self.impl == "sdpa":
+            p = self.dropout_p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = manual_attention(q, k, v, self.attn_dropout)
+        y = rearrange(y, "b h t d -> b t (h d)")  # re-join heads: (B, T, C)
+        return self.resid_dropout(self.proj(y))

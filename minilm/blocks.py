@@ -1,0 +1,40 @@
+"""The transformer block: pre-LayerNorm attention and MLP, each on a residual branch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minilm.attention import CausalSelfAttention
+from minilm.config import Config
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> d_ff -> C with GELU. Parameters 2·C·d_ff + d_ff + C."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True, activation: str = "gelu"):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        # GPT-2 used the tanh approximation ("gelu_new"); exact GELU is the modern default.
+        self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)). Parameters 4C² + 2·C·d_ff + d_ff + 9C with biases."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias, cfg.attention)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.ff_width, cfg.dropout, cfg.bias, cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x

@@ -1,0 +1,120 @@
+"""The GPT model: token + position embeddings, a stack of blocks, a final norm, an LM head.
+
+    >>> from minilm import Config, GPT
+    >>> model = GPT(Config(vocab_size=65, d_model=64, n_heads=4, n_layers=2, max_seq_len=128))
+    >>> logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
+    >>> out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minilm.blocks import Block
+from minilm.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)  # token embedding (V, C)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)  # learned positions (P, C)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # One tensor, two uses: the head reads the embedding's weight (not a copy).
+            self.lm_head.weight = self.wte.weight
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of projections that write into the residual stream by
+        # 1/sqrt(2·n_layers), so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Distinct parameters (a tied weight counts once); optionally without embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wpe.weight.numel() + self.wte.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), mean cross-entropy."""
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only the block's input; recompute its insides during backward.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` sampled tokens to idx (B, T); returns (B, T + n).
+
+        ``temperature=0`` is greedy decoding. The context is cropped to the last
+        ``max_seq_len`` tokens, since the model has no positions beyond that. Stops early
+        when every row has produced ``eos_id``.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.max_seq_len :]
+            logits, _ = self(context)
+            logits = logits[:, -1, :]  # (B, V): only the last position predicts the next token
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)
+            if eos_id is not None:
+                done |= next_id.squeeze(1) == eos_id
+                if bool(done.all()):
+                    break
+        self.train(was_training)
+        return idx
