@@ -67,7 +67,9 @@ class Config:
         minimum=1,
         widget_max=4096,
     )
-    dropout: float = _f(0.0, "model", "Dropout probability (embeddings, attention, residual).", minimum=0.0, maximum=0.9)
+    dropout: float = _f(
+        0.0, "model", "Dropout probability (embeddings, attention, residual).", minimum=0.0, maximum=0.9
+    )
     bias: bool = _f(True, "model", "Biases in Linear layers and LayerNorms (GPT-2 has them).")
     tie_embeddings: bool = _f(True, "model", "Share the token embedding with the LM head (GPT-2 style).")
     activation: str = _f(
@@ -84,12 +86,20 @@ class Config:
     dataset: str = _f(
         "shakespeare", "data", "'shakespeare' (bundled corpus), or a path to a text file or folder of .txt files."
     )
-    tokenizer: str = _f("bpe", "data", "'char' (one token per character) or 'bpe' (byte-level BPE).", choices=("char", "bpe"))
-    val_fraction: float = _f(0.1, "data", "Fraction of the corpus held out for validation.", exclusive_minimum=0.0, maximum=0.5)
+    tokenizer: str = _f(
+        "bpe", "data", "'char' (one token per character) or 'bpe' (byte-level BPE).", choices=("char", "bpe")
+    )
+    val_fraction: float = _f(
+        0.1, "data", "Fraction of the corpus held out for validation.", exclusive_minimum=0.0, maximum=0.5
+    )
 
     # --- training ---------------------------------------------------------------------
-    learning_rate: float = _f(3e-4, "training", "Peak learning rate (after warmup).", exclusive_minimum=0.0, maximum=1.0)
-    min_lr_ratio: float = _f(0.1, "training", "Cosine decay ends at learning_rate * min_lr_ratio.", minimum=0.0, maximum=1.0)
+    learning_rate: float = _f(
+        3e-4, "training", "Peak learning rate (after warmup).", exclusive_minimum=0.0, maximum=1.0
+    )
+    min_lr_ratio: float = _f(
+        0.1, "training", "Cosine decay ends at learning_rate * min_lr_ratio.", minimum=0.0, maximum=1.0
+    )
     weight_decay: float = _f(0.1, "training", "AdamW weight decay (matrices only, not biases or norms).", minimum=0.0)
     beta1: float = _f(0.9, "training", "AdamW beta1.", minimum=0.0, maximum=0.999999)
     beta2: float = _f(0.95, "training", "AdamW beta2.", minimum=0.0, maximum=0.999999)
@@ -101,13 +111,17 @@ class Config:
     max_steps: int = _f(10000, "training", "Optimizer steps in the whole run.", minimum=1, widget_max=1_000_000)
     warmup_steps: int = _f(500, "training", "Linear warmup steps; at most max_steps.", minimum=0, widget_max=100_000)
     save_steps: int = _f(1000, "training", "Save a checkpoint every this many steps.", minimum=1, widget_max=100_000)
-    eval_steps: int = _f(500, "training", "Evaluate on validation data every this many steps.", minimum=1, widget_max=100_000)
+    eval_steps: int = _f(
+        500, "training", "Evaluate on validation data every this many steps.", minimum=1, widget_max=100_000
+    )
     eval_batches: int = _f(20, "training", "Validation micro-batches per evaluation.", minimum=1, widget_max=1000)
     save_total_limit: int = _f(3, "training", "Keep at most this many checkpoints; 0 keeps all.", minimum=0)
     seed: int = _f(1337, "training", "Seed for weights, data order and dropout.", minimum=0)
 
     # --- system -----------------------------------------------------------------------
-    world_size: int = _f(1, "system", "Processes (GPUs) in data-parallel training; checked against torchrun.", minimum=1)
+    world_size: int = _f(
+        1, "system", "Processes (GPUs) in data-parallel training; checked against torchrun.", minimum=1
+    )
     fp16: bool = _f(False, "system", "float16 autocast with a gradient scaler (GPU).")
     bf16: bool = _f(False, "system", "bfloat16 autocast (GPU, or CPUs with native bf16).")
     gradient_checkpointing: bool = _f(False, "system", "Recompute each block's activations in backward to save memory.")
@@ -194,9 +208,7 @@ def _check_field(name: str, value: Any) -> None:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise ConfigError(
-            f"field '{name}' must be {_describe_allowed(f)}, got {type(value).__name__} {value!r}"
-        )
+        raise ConfigError(f"field '{name}' must be {_describe_allowed(f)}, got {type(value).__name__} {value!r}")
     if want is float and not math.isfinite(value):
         raise ConfigError(f"field '{name}' must be finite, got {value!r}")
     bad = (
@@ -221,9 +233,7 @@ def validate(cfg: Config) -> None:
     if cfg.fp16 and cfg.bf16:
         raise ConfigError("fields 'fp16' and 'bf16' are both true: choose at most one mixed-precision mode")
     if cfg.warmup_steps > cfg.max_steps:
-        raise ConfigError(
-            f"field 'warmup_steps' ({cfg.warmup_steps}) must be <= max_steps ({cfg.max_steps})"
-        )
+        raise ConfigError(f"field 'warmup_steps' ({cfg.warmup_steps}) must be <= max_steps ({cfg.max_steps})")
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -302,9 +312,7 @@ def check_estimated_parameters(cfg: Config, *, source: str = "config", tolerance
     return true
 
 
-def load_config(
-    path: str | Path, overrides: dict[str, Any] | None = None, *, check_estimate: bool = True
-) -> Config:
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *, check_estimate: bool = True) -> Config:
     """Read a flat JSON config, apply ``overrides``, validate, and return a :class:`Config`.
 
     Raises :class:`ConfigError` (a ``ValueError``) whose message names the file and the field.
@@ -381,7 +389,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
     Raises :class:`ConfigError` naming the field on a bad value or unknown flag.
     """
-    parser = _ErrorRaisingParser(add_help=False)
+    parser = _ErrorRaisingParser(add_help=False, allow_abbrev=False)
     add_config_arguments(parser)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -395,7 +403,5 @@ class _ErrorRaisingParser(argparse.ArgumentParser):
         m = re.search(r"argument --(\w+)", message)
         name = m.group(1) if m else None
         if name in FIELDS:
-            raise ConfigError(
-                f"override: field '{name}' must be {_describe_allowed(FIELDS[name])} ({message})"
-            )
+            raise ConfigError(f"override: field '{name}' must be {_describe_allowed(FIELDS[name])} ({message})")
         raise ConfigError(f"override: {message}")

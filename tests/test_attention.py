@@ -1,0 +1,57 @@
+"""The readable einops attention and the fused SDPA kernel compute the same function."""
+
+import pytest
+import torch
+
+from minilm.attention import CausalSelfAttention
+
+
+def pair(d_model, n_heads, bias=True):
+    torch.manual_seed(0)
+    manual = CausalSelfAttention(d_model, n_heads, bias=bias, impl="manual")
+    fast = CausalSelfAttention(d_model, n_heads, bias=bias, impl="sdpa")
+    fast.load_state_dict(manual.state_dict())
+    return manual, fast
+
+
+@pytest.mark.parametrize("d_model, n_heads, T, bias", [(32, 4, 7, True), (64, 8, 33, False), (48, 1, 16, True)])
+def test_forward_and_gradients_agree(d_model, n_heads, T, bias):
+    manual, fast = pair(d_model, n_heads, bias)
+    x = torch.randn(3, T, d_model)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = manual(x1), fast(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(y1)
+    y1.backward(grad_out)
+    y2.backward(grad_out)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    for (name, p1), (_, p2) in zip(manual.named_parameters(), fast.named_parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["manual", "sdpa"])
+def test_causal_future_tokens_do_not_leak(impl):
+    manual, fast = pair(32, 4)
+    attn = manual if impl == "manual" else fast
+    x = torch.randn(1, 10, 32)
+    y = attn(x)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(1, 4, 32)  # change only the future of position 5
+    y2 = attn(x2)
+    torch.testing.assert_close(y[:, :6], y2[:, :6])
+    assert not torch.allclose(y[:, 6:], y2[:, 6:])
+
+
+def test_first_position_attends_only_to_itself():
+    manual, _ = pair(16, 2)
+    x = torch.randn(1, 5, 16)
+    # Position 0 sees only itself, so its output is proj(v_0) whatever follows.
+    v0 = manual.qkv(x)[:, 0, 32:]
+    torch.testing.assert_close(manual(x)[:, 0], manual.proj(v0))
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="must divide"):
+        CausalSelfAttention(30, 4)
+    with pytest.raises(ValueError, match="impl"):
+        CausalSelfAttention(32, 4, impl="flash")

@@ -1,0 +1,106 @@
+"""The GPT model: parameter counts, weight tying, shapes, loss, generation."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minilm import GPT, Config
+from minilm.counting import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def micro(**kw):
+    base = dict(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=24)
+    return Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "training").glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_config_model_has_stated_parameter_count(path):
+    cfg = Config(**json.loads(path.read_text()))
+    with torch.device("meta"):  # shapes only: the large model would need 1.4 GB otherwise
+        model = GPT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.estimated_parameters
+
+
+def test_tied_head_is_the_embedding_tensor():
+    model = GPT(micro())
+    assert model.lm_head.weight is model.wte.weight
+    untied = GPT(micro(tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_parameters() - model.num_parameters() == 97 * 32
+    assert model.num_parameters(non_embedding=True) == count_parameters(micro()).non_embedding
+
+
+def test_forward_shapes_and_initial_loss():
+    torch.manual_seed(0)
+    model = GPT(micro())
+    idx, targets = torch.randint(0, 97, (2, 3, 24))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 24, 97)
+    # Small init gives near-uniform predictions: loss close to ln(V).
+    assert abs(loss.item() - math.log(97)) < 0.3
+    assert model(idx)[1] is None
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    model = GPT(micro(d_model=256, n_heads=4, n_layers=8))
+    std = model.blocks[0].attn.proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.001
+
+
+def test_too_long_sequence_is_a_clear_error():
+    with pytest.raises(ValueError, match="exceeds max_seq_len=24"):
+        GPT(micro())(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_generate_greedy_is_deterministic_and_crops_context():
+    torch.manual_seed(0)
+    model = GPT(micro())
+    start = torch.zeros(2, 1, dtype=torch.long)
+    out = model.generate(start, max_new_tokens=40, temperature=0)  # runs past max_seq_len=24
+    assert out.shape == (2, 41)
+    assert torch.equal(out, model.generate(start, max_new_tokens=40, temperature=0))
+
+
+def test_generate_top_k_only_samples_top_tokens():
+    torch.manual_seed(0)
+    model = GPT(micro())
+    idx = torch.randint(0, 97, (1, 5))
+    top2 = set(torch.topk(model(idx)[0][0, -1], 2).indices.tolist())
+    g = torch.Generator().manual_seed(1)
+    seen = {model.generate(idx, 1, temperature=1.0, top_k=2, generator=g)[0, -1].item() for _ in range(30)}
+    assert seen <= top2
+
+
+def test_generate_stops_at_eos():
+    torch.manual_seed(0)
+    model = GPT(micro())
+    start = torch.zeros(1, 1, dtype=torch.long)
+    first = model.generate(start, 1, temperature=0)[0, -1].item()
+    out = model.generate(start, 10, temperature=0, eos_id=first)
+    assert out.shape == (1, 2)
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    a = GPT(micro(dropout=0.0))
+    b = GPT(micro(dropout=0.0, gradient_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 97, (2, 24))
+    a(idx, idx)[1].backward()
+    b(idx, idx)[1].backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_no_bias_variant_builds_and_counts():
+    cfg = micro(bias=False)
+    model = GPT(cfg)
+    assert all("bias" not in n for n, _ in model.named_parameters())
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg).total
