@@ -19,5 +19,5 @@ def test_readme_table_matches_computed_counts():
         pc = count_parameters(cfg)
         assert cells[6] == f"**{pc.total:,}**", name
         assert cells[7] == f"{pc.non_embedding:,}", name
-        assert cells[10] == f"{cfg.tokens_per_step:,}", name
-        assert cells[11] == f"{cfg.max_steps:,}", name
+        assert cells[9] == f"{cfg.tokens_per_step:,}", name
+        assert cells[10] == f"{cfg.max_steps:,}", name
