@@ -114,3 +114,17 @@ def parameter_table(cfg: Config, fmt: str = "text") -> str:
             lines.append("-" * (width + 24))
         lines.append(f"{name:<{width}}  {n:>14,}  {n / pc.total:>6.1%}")
     return "\n".join(lines)
+
+
+def decay_split(cfg: Config) -> tuple[int, int]:
+    """(matrix, vector) parameters: AdamW's two groups, weight decay on matrices only.
+
+    Matrices (tensors with dim >= 2) are the embeddings, the LM head when untied and the
+    four weight matrices per layer; vectors are biases and LayerNorm parameters. The two
+    sum to ``count_parameters(cfg).total``. Memory estimates need the split because a
+    foreach optimizer makes its temporaries one group at a time.
+    """
+    d, f, L = cfg.d_model, cfg.ff_width, cfg.n_layers
+    pc = count_parameters(cfg)
+    matrices = pc.token_embedding + pc.position_embedding + pc.lm_head + L * (4 * d * d + 2 * d * f)
+    return matrices, pc.total - matrices
