@@ -1,0 +1,172 @@
+"""The config editor, driven headless: set values, read the readouts, save, load back."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from minilm.config import FIELDS, Config, ConfigError, load_config
+from minilm.counting import count_parameters
+from minilm.widgets import ConfigEditor
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ROOT / "configs" / "training" / "small_model.json"
+has = {m: importlib.util.find_spec(f"minilm.{m}") is not None for m in ("flops", "memory")}
+
+
+@pytest.fixture
+def editor(tmp_path):
+    return ConfigEditor(SMALL, save_dir=tmp_path)
+
+
+def test_starts_from_a_file_with_its_true_count(editor):
+    assert editor.valid and editor.error is None
+    assert editor.total_parameters == 33_936_384
+    assert editor.config.estimated_parameters == 33_936_384
+    assert "33,936,384" in editor.readout()
+
+
+def test_design_file_with_a_wrong_label_is_corrected_not_rejected(tmp_path):
+    ed = ConfigEditor(ROOT / "configs" / "design_original" / "small_model.json", save_dir=tmp_path)
+    assert ed.valid and ed.config.estimated_parameters == 33_936_384  # not the file's "124M"
+
+
+def test_set_updates_the_readouts(editor):
+    editor.set(d_model=768, n_heads=12, n_layers=12, vocab_size=50257, d_ff=3072)
+    cfg = editor.config
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers) == (768, 12, 12)
+    assert editor.total_parameters == count_parameters(cfg).total == 124_439_808  # GPT-2 small
+    assert editor.parameters.non_embedding == count_parameters(cfg).non_embedding
+    assert editor.get("estimated_parameters") == 124_439_808
+
+
+@pytest.mark.skipif(not has["memory"], reason="minilm.memory not in this checkout")
+def test_memory_readout_follows_the_library(editor):
+    from minilm.memory import estimate_training_memory
+
+    editor.set(batch_size=4, gradient_checkpointing=True)
+    assert editor.memory.peak_bytes == estimate_training_memory(editor.config, device_type="cuda").peak_bytes
+    assert "GiB" in editor.readout()
+
+
+@pytest.mark.skipif(not has["flops"], reason="minilm.flops not in this checkout")
+def test_flops_readout_follows_the_library(editor):
+    from minilm.flops import flops_per_token
+
+    editor.set(n_layers=4)
+    assert editor.flops_per_token == flops_per_token(editor.config)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"n_heads": 7}, "n_heads"),
+        ({"fp16": True, "bf16": True}, "bf16"),
+        ({"max_steps": 10, "warmup_steps": 100}, "warmup_steps"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"activation": "relu"}, "activation"),
+        ({"d_model": 0}, "d_model"),
+    ],
+)
+def test_invalid_combination_shows_the_error_instead_of_raising(editor, changes, field):
+    editor.set(**changes)
+    assert not editor.valid and editor.config is None
+    assert f"'{field}'" in editor.error
+    assert editor.total_parameters is None and editor.memory is None and editor.flops_per_token is None
+    assert editor.readout().startswith("invalid config:")
+    with pytest.raises(ConfigError):
+        editor.save("broken")
+    assert not list(editor.save_dir.glob("*.json"))
+
+
+def test_fixing_the_error_makes_it_valid_again(editor):
+    editor.set(n_heads=7)
+    assert not editor.valid
+    editor.set(n_heads=16)
+    assert editor.valid and editor.error is None
+
+
+def test_unknown_field_raises(editor):
+    with pytest.raises(KeyError):
+        editor.set(d_modle=512)
+
+
+def test_saved_file_loads_back_equal(editor, recwarn):
+    editor.set(d_model=384, n_heads=6, n_layers=6, d_ff=None, bf16=False, learning_rate=1e-3, description="mine")
+    path = editor.save("my_model")
+    assert path == editor.save_dir / "my_model.json"
+    loaded = load_config(path)
+    assert loaded == editor.config
+    assert loaded.d_ff is None and loaded.estimated_parameters == count_parameters(loaded).total
+    assert not [w for w in recwarn if "estimated_parameters" in str(w.message)]  # label is right
+    assert set(json.loads(path.read_text())) == set(FIELDS)
+
+
+def test_save_refuses_to_overwrite_and_bad_names(editor):
+    editor.save("a")
+    with pytest.raises(FileExistsError):
+        editor.save("a")
+    editor.set(n_layers=2)
+    assert load_config(editor.save("a", overwrite=True)).n_layers == 2
+    with pytest.raises(ValueError):
+        editor.save("no spaces!")
+    sub = editor.save_dir / "sub" / "b.json"
+    assert editor.save(sub) == sub and sub.exists()
+
+
+def test_default_editor_uses_config_defaults(tmp_path):
+    ed = ConfigEditor(save_dir=tmp_path)
+    assert ed.config == Config().replace(estimated_parameters=count_parameters(Config()).total)
+
+
+# --- the ipywidgets form, still headless ------------------------------------------------
+widgets = pytest.importorskip("ipywidgets")
+
+
+def test_form_has_a_control_per_field_with_limits_from_metadata(editor):
+    controls = editor.controls
+    assert set(controls) == set(FIELDS)
+    for name, f in FIELDS.items():
+        m = f.metadata
+        c = controls[name]
+        if "widget_max" in m:
+            assert isinstance(c, widgets.IntSlider) and c.max >= m["widget_max"] and c.min == m.get("minimum", 0)
+        if "choices" in m:
+            assert isinstance(c, widgets.Dropdown) and tuple(c.options) == tuple(m["choices"])
+        if isinstance(f.default, bool):
+            assert isinstance(c, widgets.Checkbox)
+    assert controls["estimated_parameters"].disabled
+
+
+def test_moving_a_control_updates_the_editor_and_the_readouts(editor):
+    editor.controls["n_layers"].value = 12
+    assert editor.get("n_layers") == 12
+    assert editor.controls["estimated_parameters"].value == str(editor.total_parameters)
+    editor.controls["n_heads"].value = 7
+    assert not editor.valid and "n_heads" in editor._ui.error.value
+    editor.controls["n_heads"].value = 8
+    assert editor.valid and "valid config" in editor._ui.error.value
+
+
+def test_programmatic_set_shows_in_the_controls(editor):
+    editor.widget  # noqa: B018 -- build the form
+    editor.set(n_layers=20, d_ff=None, max_steps=5_000_000, activation="gelu_tanh")
+    c = editor.controls
+    assert c["n_layers"].value == 20 and c["activation"].value == "gelu_tanh"
+    assert c["max_steps"].value == 5_000_000  # beyond widget_max: the slider grows
+    assert editor._ui._auto["d_ff"].value and c["d_ff"].disabled
+    editor._ui._auto["d_ff"].value = False  # untick "auto": the slider's value becomes d_ff
+    assert editor.get("d_ff") == c["d_ff"].value
+
+
+def test_save_button_reports_errors_and_success(editor):
+    ui = editor.widget and editor._ui
+    editor.set(n_heads=7)
+    ui.save_button.click()
+    assert "invalid" in ui.save_status.value and not list(editor.save_dir.glob("*.json"))
+    editor.set(n_heads=8)
+    ui.name.value = "from_button"
+    ui.save_button.click()
+    assert "saved" in ui.save_status.value
+    assert load_config(editor.save_dir / "from_button.json") == editor.config
