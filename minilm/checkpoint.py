@@ -1,0 +1,350 @@
+"""Checkpoints that a run can resume from exactly, written so that a crash never loses the last one.
+
+A checkpoint is a folder ``output_dir/checkpoint-N`` (N = optimizer steps taken)::
+
+    checkpoint-600/
+        model.pt            model weights (state dict; never with torch.compile's ``_orig_mod.`` prefix)
+        training_state.pt   optimizer, gradient scaler, step, RNG states, data-sampler position
+        config.json         the run's Config, readable by minilm.config.load_config
+        tokenizer/          the tokenizer, so the checkpoint decodes exactly as it was trained
+        manifest.json       file sizes, written last: a folder without it is not a checkpoint
+
+**Atomic writes.** Everything is written into a hidden temporary folder next to the
+target, each file is fsync'ed, and only then is the folder renamed to ``checkpoint-N``.
+A rename within one file system is atomic, so a process killed at any moment leaves
+either the complete new checkpoint or none at all; older checkpoints are untouched.
+
+**Safe loading.** Every ``torch.load`` uses ``weights_only=True``, which refuses to run
+pickled code: RNG states and counters are stored as tensors and plain Python values.
+A missing, incomplete or corrupt checkpoint raises :class:`CheckpointError` naming the
+path and what is wrong.
+
+    >>> from minilm.checkpoint import load_checkpoint, latest_checkpoint
+    >>> ckpt = load_checkpoint(latest_checkpoint("outputs/tiny"))
+    >>> ckpt.step, ckpt.config.d_model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minilm.config import Config, ConfigError, config_from_dict
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+_OLD_PREFIX = ".old-checkpoint-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its path and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------
+# State-dict hygiene
+# ---------------------------------------------------------------------------------------
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the key prefixes that torch.compile (``_orig_mod.``) and DDP (``module.``) add.
+
+    Checkpoints always hold the plain model's keys, so a compiled run loads into an
+    uncompiled model and vice versa.
+    """
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# RNG states as tensors and plain values (so that weights_only=True can load them)
+# ---------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (if present) CUDA generator states, as tensors and plain types."""
+    version, mt, gauss = random.getstate()
+    # NumPy's legacy global generator: minilm draws from its own seeded Generators, but user
+    # code in a notebook may use np.random.*, and resuming should not change what it gets.
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np_state = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(np_state)  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes a rename or a new file in ``path`` durable; some systems cannot open folders.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_tree_durably(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """One place where tensors go to disk (tests slow it down to kill a save half-way)."""
+    torch.save(obj, path)
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    training_state: dict[str, Any],
+    config: Config,
+    tokenizer: Any | None = None,
+    save_total_limit: int = 0,
+) -> Path:
+    """Write ``output_dir/checkpoint-{step}`` atomically and return its path.
+
+    ``model_state`` is the model's state dict (wrapper prefixes are stripped here too);
+    ``training_state`` holds the optimizer / scaler state dicts, RNG states and sampler
+    position, as tensors and plain Python values only. ``tokenizer`` needs a
+    ``save(folder)`` method. ``save_total_limit`` > 0 then deletes the oldest
+    checkpoints so that at most that many remain.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(output_dir, step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=output_dir))
+    try:
+        _torch_save(clean_state_dict(model_state), tmp / MODEL_FILE)
+        _torch_save({"format_version": FORMAT_VERSION, "step": step, **training_state}, tmp / STATE_FILE)
+        config.save(tmp / CONFIG_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_tree_durably(tmp)
+        if final.exists():
+            # Re-saving the same step (e.g. after a resume): move the old one aside first,
+            # since a folder cannot be renamed over a non-empty folder.
+            old = output_dir / f"{_OLD_PREFIX}{step}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _remove_stale_temporaries(output_dir, keep=final)
+    if save_total_limit > 0:
+        rotate_checkpoints(output_dir, save_total_limit)
+    return final
+
+
+def _remove_stale_temporaries(output_dir: Path, keep: Path) -> None:
+    """Delete half-written folders that a killed save left behind (never a finished checkpoint)."""
+    for p in output_dir.iterdir():
+        if p.is_dir() and p != keep and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_OLD_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest) in ``output_dir``, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the most steps in ``output_dir``, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
+    found = list_checkpoints(output_dir)
+    doomed = found[: max(0, len(found) - keep)]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint. Tensors are on ``map_location`` (CPU by default)."""
+
+    path: Path
+    step: int
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    training_state: dict[str, Any]
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        d = self.path / TOKENIZER_DIR
+        return d if d.is_dir() else None
+
+
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated zip, bytes flipped on disk, a pickle with code in it
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: corrupt or unreadable checkpoint file ({type(e).__name__}: {first_line})"
+        ) from e
+
+
+def check_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint; return its manifest."""
+    path = Path(path)
+    if not path.exists():
+        parent = path.parent
+        found = list_checkpoints(parent)
+        hint = f"; checkpoints in {parent}: {', '.join(p.name for p in found)}" if found else ""
+        raise CheckpointError(f"{path}: no such checkpoint{hint}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected a folder like output_dir/checkpoint-N)")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint, {MANIFEST_FILE} is missing (the save was interrupted, "
+            "or this folder is not a minilm checkpoint)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: corrupt manifest ({e})") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"{f}: corrupt checkpoint file, {f.stat().st_size} bytes on disk but {size} were written"
+            )
+    return manifest
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and check a checkpoint folder; raises :class:`CheckpointError` if it cannot be used."""
+    path = Path(path)
+    check_checkpoint(path)
+    try:
+        config = config_from_dict(
+            json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE), check_estimate=False
+        )
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: corrupt config ({e})") from None
+    model_state = _torch_load(path / MODEL_FILE, map_location)
+    training_state = _torch_load(path / STATE_FILE, map_location)
+    if not isinstance(model_state, dict) or not isinstance(training_state, dict) or "step" not in training_state:
+        raise CheckpointError(f"{path}: files do not hold a minilm checkpoint")
+    return Checkpoint(
+        path=path,
+        step=int(training_state["step"]),
+        config=config,
+        model_state=clean_state_dict(model_state),
+        training_state=training_state,
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer, config) from a checkpoint, the model in eval mode: for sampling and notebooks."""
+    from minilm.model import GPT
+    from minilm.tokenizer import load_tokenizer
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = GPT(ckpt.config)
+    try:
+        model.load_state_dict(ckpt.model_state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the checkpoint's config ({e})") from None
+    model.to(device).eval()
+    if ckpt.tokenizer_dir is None:
+        raise CheckpointError(f"{path}: has no {TOKENIZER_DIR}/ folder, so its token ids cannot be decoded")
+    return model, load_tokenizer(ckpt.tokenizer_dir), ckpt.config
