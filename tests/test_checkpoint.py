@@ -1,0 +1,181 @@
+"""Checkpoints: round trip, atomic writes under SIGKILL, clear errors, keep-last-K, no _orig_mod. keys."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minilm import GPT, Config
+from minilm.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    clean_state_dict,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from minilm.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = Config(vocab_size=40, d_model=32, n_heads=2, n_layers=2, max_seq_len=16, tokenizer="char")
+TOKENIZER = CharTokenizer("\n !,.:;?abcdefghijklmnopqrstuvwxyzABCDE")
+
+
+def save(out: Path, step: int, model: torch.nn.Module | None = None, limit: int = 0) -> Path:
+    model = GPT(CFG) if model is None else model
+    return save_checkpoint(
+        out,
+        step,
+        model_state=model.state_dict(),
+        training_state={"rng": rng_state(), "sampler": {"step": step}, "note": "hello"},
+        config=CFG,
+        tokenizer=TOKENIZER,
+        save_total_limit=limit,
+    )
+
+
+def test_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    path = save(tmp_path, 7, model)
+    assert path == tmp_path / "checkpoint-7"
+    ck = load_checkpoint(path)
+    assert ck.step == 7 and ck.config == CFG and ck.training_state["note"] == "hello"
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck.model_state[k], v), k
+    loaded, tok, cfg = load_model(path)
+    assert cfg == CFG and tok.decode(tok.encode("to be")) == "to be"
+    assert loaded.lm_head.weight is loaded.wte.weight  # tying survives the round trip
+
+
+def test_rng_states_restore_every_generator(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)  # noqa: NPY002
+    path = save(tmp_path, 1)
+    expected = (random.random(), np.random.rand(), torch.rand(3))  # noqa: NPY002
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)  # noqa: NPY002
+    set_rng_state(load_checkpoint(path).training_state["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))  # noqa: NPY002
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_compiled_and_ddp_prefixes_never_saved(tmp_path):
+    model = GPT(CFG)
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    path = save(tmp_path, 1, compiled)
+    keys = load_checkpoint(path).model_state.keys()
+    assert set(keys) == set(model.state_dict())
+    assert clean_state_dict({"module._orig_mod.wte.weight": 1}) == {"wte.weight": 1}
+
+
+def test_keep_last_k(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        save(tmp_path, step, limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-40", "checkpoint-50"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-50"
+    # Sorted by step number, not by name: 100 is newer than 50.
+    save(tmp_path, 100, limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-50", "checkpoint-100"]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    save(tmp_path, 4)
+    with pytest.raises(CheckpointError, match=r"checkpoint-5: no such checkpoint; checkpoints in .*checkpoint-4"):
+        load_checkpoint(tmp_path / "checkpoint-5")
+    (tmp_path / "file.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        load_checkpoint(tmp_path / "file.pt")
+    (tmp_path / "manifest.json").unlink(missing_ok=True)
+    half = tmp_path / "checkpoint-9"
+    half.mkdir()
+    (half / "model.pt").write_bytes(b"partial")
+    with pytest.raises(CheckpointError, match="checkpoint-9: incomplete checkpoint, manifest.json is missing"):
+        load_checkpoint(half)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # the incomplete one is skipped
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = save(tmp_path, 3)
+    model_file = path / "model.pt"
+    data = model_file.read_bytes()
+
+    model_file.write_bytes(data[: len(data) // 2])  # truncated, e.g. a full disk
+    with pytest.raises(CheckpointError, match=r"model\.pt: corrupt checkpoint file, \d+ bytes on disk but \d+"):
+        load_checkpoint(path)
+
+    model_file.write_bytes(b"\0" * len(data))  # same size, wrong bytes
+    with pytest.raises(CheckpointError, match=r"model\.pt: corrupt or unreadable checkpoint file"):
+        load_checkpoint(path)
+
+    (path / "training_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="training_state.pt is missing"):
+        check_checkpoint(path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    """weights_only=True: a file that would run code on load is an error, not an execution."""
+    path = save(tmp_path, 1)
+    torch.save({"payload": Path("/")}, path / "training_state.pt")  # an arbitrary class in the pickle
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["training_state.pt"] = (path / "training_state.pt").stat().st_size
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="training_state.pt: corrupt or unreadable"):
+        load_checkpoint(path)
+
+
+# A child process saves checkpoint-1, then starts checkpoint-2 (or re-saves checkpoint-1)
+# with a torch.save that writes half a file and hangs; the parent SIGKILLs it mid-save.
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {here!r})
+import minilm.checkpoint as C
+from test_checkpoint import save
+
+out, step = Path(sys.argv[1]), int(sys.argv[2])
+save(out, 1)
+
+def slow_save(obj, path):
+    torch.save(obj, path)
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)  # half written
+    print("SAVING", flush=True)
+    time.sleep(600)
+
+C._torch_save = slow_save
+save(out, step)
+"""
+
+
+@pytest.mark.parametrize("step", [2, 1], ids=["new-step", "same-step"])
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, step):
+    script = tmp_path / "killme.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), here=str(Path(__file__).parent)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(step)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SAVING"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".tmp-checkpoint-") for p in out.iterdir())  # the half-written save
+    assert list_checkpoints(out) == [out / "checkpoint-1"]
+    ck = load_checkpoint(out / "checkpoint-1")
+    assert ck.step == 1 and ck.training_state["sampler"] == {"step": 1}
+    # The next save clears the debris.
+    save(out, 3)
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-3"]
