@@ -343,7 +343,7 @@ def count_exercise(key: str, cfg: Config, *, title: str | None = None, question:
     return Exercise(
         key=key,
         title=title or kind.title,
-        question=question or f"{kind.question}\nModel: {_shape(cfg)}.",
+        question=f"{question or kind.question}\nModel: {_shape(cfg)}.",
         cfg=cfg,
         unit=kind.unit,
         formula_hint=kind.formula_hint,
