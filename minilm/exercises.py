@@ -152,7 +152,8 @@ class Exercise:
             )
         rel = abs(ratio - 1)
         if rel < 0.01:
-            size = "very close (within 1%): look for a small term, such as biases or LayerNorm parameters"
+            small = "biases or LayerNorm parameters" if self.unit == "parameters" else "a small tensor"
+            size = f"very close (within 1%): look for a small term, such as {small}"
         elif rel < 0.10:
             size = "close (within 10%), but a whole component is missing or extra"
         elif rel < 1.0:
@@ -174,6 +175,11 @@ def _shape(cfg: Config) -> str:
         f"n_layers = {cfg.n_layers}, {d_ff}, max_seq_len = {cfg.max_seq_len}, "
         f"bias = {cfg.bias}, tie_embeddings = {cfg.tie_embeddings}"
     )
+
+
+def _training(cfg: Config) -> str:
+    precision = "bf16 autocast" if cfg.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
+    return f"batch_size = {cfg.batch_size}, sequence length = max_seq_len, {precision}"
 
 
 def _bias_mistake(cfg: Config, pick: Callable[[Config], int], what: str) -> list[Mistake]:
@@ -282,6 +288,54 @@ def _embeddings(cfg: Config) -> tuple[int, list[Mistake]]:
     return ans, mistakes
 
 
+def _memory_estimate(cfg: Config):
+    from minilm.memory import estimate_training_memory  # the memory lesson's library; imported when used
+
+    return estimate_training_memory(cfg)
+
+
+def _model_state(cfg: Config) -> tuple[int, list[Mistake]]:
+    est = _memory_estimate(cfg)
+    n = est.n_parameters
+    ans = est.model_state
+    untied = count_parameters(cfg.replace(tie_embeddings=False)).total
+    mistakes = [
+        Mistake(n, "The question asks for bytes, not parameters: how many bytes is one fp32 number?"),
+        Mistake(
+            est.parameters, "That is the weights alone. Training also keeps a gradient per weight, and AdamW more."
+        ),
+        Mistake(
+            est.parameters + est.gradients, "Weights and gradients are there. What does AdamW remember per weight?"
+        ),
+        Mistake(
+            ans - est.optimizer_state // 2,
+            "One fp32 tensor of the model's size is missing: list the weights, the gradients and each of "
+            "AdamW's running averages (m and v).",
+        ),
+        Mistake(ans * untied // n, "The tied LM head is one tensor: it has one gradient and one pair of moments."),
+    ]
+    if cfg.bf16 or cfg.fp16:  # 8 bytes/parameter is then most likely "autocast halves it"
+        mistakes.insert(
+            0, Mistake(ans // 2, "Autocast does not halve model state: weights, gradients and AdamW stay fp32.")
+        )
+    return ans, mistakes
+
+
+def _logits(cfg: Config) -> tuple[int, list[Mistake]]:
+    est = _memory_estimate(cfg)
+    ans = est.logits
+    b, s, V, d = est.batch_size, est.seq_len, cfg.vocab_size, cfg.d_model
+    mistakes = [
+        Mistake(b * s * V, "That is the number of values; the question asks for bytes."),
+        Mistake(2 * b * s * V, "Cross-entropy works in fp32 even under autocast: the saved log-probs are fp32."),
+        Mistake(4 * b * V, "Every position of every sequence predicts a next token, not only the last one."),
+        Mistake(4 * s * V, "There is a row of log-probs for every sequence in the batch."),
+        Mistake(4 * b * s * d, "The head maps each position to a score per vocabulary entry, not per channel."),
+        Mistake(3 * ans, "That is the moment early in backward; the question asks what the forward pass saves."),
+    ]
+    return ans, mistakes
+
+
 @dataclass(frozen=True)
 class Kind:
     title: str
@@ -328,7 +382,22 @@ KINDS: dict[str, Kind] = {
         "Hint: embeddings + n_layers × block + final LayerNorm (+ the LM head only if it is not tied).",
         _total,
     ),
+    "model_state_bytes": Kind(
+        "Model state in bytes",
+        "Training with AdamW, how many BYTES do the weights, their gradients and the optimizer state take?",
+        "Hint: count the parameters first; then count the fp32 tensors of that size that training keeps.",
+        _model_state,
+        unit="bytes",
+    ),
+    "logits_bytes": Kind(
+        "Saved log-probabilities in bytes",
+        "How many BYTES of log-probabilities does cross-entropy save for backward, for one micro-batch?",
+        "Hint: one fp32 value per (sequence, position, vocabulary entry).",
+        _logits,
+        unit="bytes",
+    ),
 }
+MEMORY_KINDS = ("model_state_bytes", "logits_bytes")
 
 DEFAULT_SET = ("attention_per_layer", "mlp_per_layer", "per_layer", "total")
 
@@ -343,7 +412,8 @@ def count_exercise(key: str, cfg: Config, *, title: str | None = None, question:
     return Exercise(
         key=key,
         title=title or kind.title,
-        question=f"{question or kind.question}\nModel: {_shape(cfg)}.",
+        question=f"{question or kind.question}\nModel: {_shape(cfg)}."
+        + (f"\nTraining: {_training(cfg)}." if kind.unit == "bytes" else ""),
         cfg=cfg,
         unit=kind.unit,
         formula_hint=kind.formula_hint,
@@ -384,6 +454,9 @@ def student_config(student_id: str) -> Config:
         bias=rng.random() < 0.75,
         tie_embeddings=rng.random() < 0.7,
         description=f"exercise model for student {student_id.strip()!r}",
+        # drawn last, so adding them kept every earlier draw (and every student's model) unchanged
+        batch_size=rng.choice((4, 8, 16, 32)),
+        bf16=rng.random() < 0.5,
     )
 
 

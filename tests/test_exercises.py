@@ -1,5 +1,7 @@
 """Exercise checkers: right answers pass, near misses get a hint without the answer, variants per student."""
 
+import importlib.util
+
 import pytest
 
 from minilm import exercises as E
@@ -111,3 +113,42 @@ def test_grade_class_table():
 def test_unknown_kind():
     with pytest.raises(KeyError):
         E.count_exercise("flops", Config())
+
+
+needs_memory = pytest.mark.skipif(importlib.util.find_spec("minilm.memory") is None, reason="minilm.memory missing")
+
+
+@needs_memory
+@pytest.mark.parametrize("sid", STUDENTS)
+def test_memory_exercises_accept_the_estimate_and_hide_it(sid):
+    from minilm.memory import estimate_training_memory
+
+    est = estimate_training_memory(E.student_config(sid))
+    expected = {"model_state_bytes": est.model_state, "logits_bytes": est.logits}
+    for ex in E.for_student(sid, E.MEMORY_KINDS):
+        n = expected[ex.key]
+        assert "bytes" in ex.question.lower() and "batch_size" in ex.question
+        assert ex.check(n).correct and not ex.check(None).answered
+        for answer in [n + 4, n // 2, n * 3, *(m.value for m in ex._mistakes)]:
+            fb = ex.check(answer)
+            assert not fb.correct and fb.answered
+            assert_no_answer_in(fb.message, n)
+
+
+@needs_memory
+def test_memory_mistakes_get_their_hint():
+    cfg = Config(vocab_size=16000, d_model=512, n_heads=8, n_layers=8, batch_size=8, bf16=True)
+    n = count_parameters(cfg).total
+    state = E.count_exercise("model_state_bytes", cfg)
+    assert "bytes" in state.check(n).message
+    assert "Autocast" in state.check(8 * n).message
+    assert "AdamW" in state.check(4 * n).message
+    logits = E.count_exercise("logits_bytes", cfg)
+    assert "fp32" in logits.check(2 * 8 * 1024 * 16000).message
+    assert logits.check(4 * 8 * 1024 * 16000).correct
+
+
+def test_precision_and_batch_vary_between_students():
+    configs = [E.student_config(f"s{i}") for i in range(40)]
+    assert {c.bf16 for c in configs} == {True, False}
+    assert len({c.batch_size for c in configs}) > 1
