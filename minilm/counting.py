@@ -128,3 +128,29 @@ def decay_split(cfg: Config) -> tuple[int, int]:
     pc = count_parameters(cfg)
     matrices = pc.token_embedding + pc.position_embedding + pc.lm_head + L * (4 * d * d + 2 * d * f)
     return matrices, pc.total - matrices
+
+
+def parameter_shapes(cfg: Config) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter tensor of ``GPT(cfg)`` as (name, shape), in ``model.named_parameters()`` order.
+
+    Closed form, no model built. A tied LM head is the token embedding's tensor, so it is
+    listed once (as ``wte.weight``), as ``named_parameters()`` does. The memory estimate
+    uses the order: a for-loop optimizer's temporaries depend on which tensors are neighbours.
+    """
+    d, f, V, P = cfg.d_model, cfg.ff_width, cfg.vocab_size, cfg.max_seq_len
+
+    def linear(name: str, n_in: int, n_out: int) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{name}.weight", (n_out, n_in))] + ([(f"{name}.bias", (n_out,))] if cfg.bias else [])
+
+    def norm(name: str) -> list[tuple[str, tuple[int, ...]]]:
+        return [(f"{name}.weight", (d,))] + ([(f"{name}.bias", (d,))] if cfg.bias else [])
+
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte.weight", (V, d)), ("wpe.weight", (P, d))]
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}"
+        shapes += norm(f"{p}.ln_1") + linear(f"{p}.attn.qkv", d, 3 * d) + linear(f"{p}.attn.proj", d, d)
+        shapes += norm(f"{p}.ln_2") + linear(f"{p}.mlp.fc", d, f) + linear(f"{p}.mlp.proj", f, d)
+    shapes += norm("ln_f")
+    if not cfg.tie_embeddings:
+        shapes.append(("lm_head.weight", (V, d)))
+    return shapes

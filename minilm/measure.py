@@ -1,0 +1,282 @@
+"""Measure the real peak memory of one training step, to check :mod:`minilm.memory` against.
+
+Two instruments, one definition of "peak":
+
+* **CPU** — :class:`LiveStorageTracker`, a ``TorchDispatchMode`` that sees every tensor an
+  operator returns, adds its storage's bytes the first time it sees that storage, and
+  subtracts them when the storage is freed (a weakref callback on the untyped storage).
+  The total is sampled after every operator; the largest sample is the peak. Views and
+  in-place results share a storage and are not counted twice.
+* **CUDA** — ``torch.cuda.max_memory_allocated()``: the caching allocator's own count of
+  bytes held by live tensors (rounded up to its 512-byte blocks).
+
+**What "peak" means here.** The largest number of bytes held at once by live tensors
+during one *steady-state* optimizer step: forward, loss, backward, gradient clipping,
+``AdamW.step()`` and ``zero_grad(set_to_none=True)``, for each of the step's micro-batches.
+Steady state means the optimizer has already stepped once, so its two moment buffers
+exist before the forward starts (Adam creates them lazily, at the first ``step()``: the
+very first step peaks lower). Parameters, Adam state and the input batch count, since
+they are alive during the step.
+
+Neither instrument sees memory that is not a tensor: the CUDA context, cuBLAS / cuDNN /
+NCCL workspaces, scratch buffers a kernel allocates outside the dispatcher, the caching
+allocator's reserved-but-unused blocks, or fragmentation. That is why ``nvidia-smi``
+shows more (see :data:`minilm.memory.NOT_COUNTED`).
+
+    >>> from minilm import Config
+    >>> from minilm.measure import measure_training_step
+    >>> cfg = Config(vocab_size=512, d_model=64, n_heads=4, n_layers=2, max_seq_len=64, batch_size=4)
+    >>> m = measure_training_step(cfg)
+    >>> m.peak_bytes, m.phase_peak_bytes["backward"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from minilm.config import Config
+from minilm.memory import OPTIMIZER_IMPLS
+from minilm.model import GPT
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Count the bytes of live tensor storages on one device type; remember the peak.
+
+    Use as a context manager around the code to measure. Tensors created before the
+    context (parameters, optimizer state, the batch) must be registered with
+    :meth:`track`, or they are invisible. ``phase`` labels the peak of each part of a step.
+    """
+
+    def __init__(self, device_type: str = "cpu", record: bool = False):
+        super().__init__()
+        self.device_type = device_type
+        self.timeline: list[tuple[str, str, int]] | None = [] if record else None  # (phase, op, live bytes)
+        self.current = 0  # bytes held by live storages now
+        self.peak = 0  # the largest value of ``current`` seen after any operator
+        self.peak_op = ""  # the operator after which the peak was seen
+        self.phase = "setup"
+        self.phase_peaks: dict[str, int] = {}
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # storage id -> (weakref, bytes)
+
+    def track(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Count tensors that existed before the tracker started (parameters, optimizer state...)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self._sample("track")
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_peaks.setdefault(phase, self.current)
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.device.type != self.device_type or t.is_meta:
+            return
+        st = t.untyped_storage()
+        key = st._cdata  # address of the C++ StorageImpl: unique while the storage lives
+        if key in self._live or st.nbytes() == 0:
+            return
+
+        def _freed(_ref: weakref.ref, key: int = key) -> None:
+            # Runs when the storage's last reference (tensor, view, autograd's saved copy) dies.
+            _, nbytes = self._live.pop(key)
+            self.current -= nbytes
+
+        self._live[key] = (weakref.ref(st, _freed), st.nbytes())
+        self.current += st.nbytes()
+
+    def _sample(self, label: str) -> None:
+        if self.timeline is not None:
+            self.timeline.append((self.phase, label, self.current))
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, f"{self.phase}: {label}"
+        if self.current > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        # Sampled while the inputs are still referenced: the moment the output exists.
+        self._sample(str(func))
+        return out
+
+
+@dataclass
+class MeasuredMemory:
+    """The measured peak of one steady-state training step, in bytes."""
+
+    peak_bytes: int
+    phase_peak_bytes: dict[str, int]  # "forward", "backward", "optimizer" (per micro-batch phases merged)
+    start_bytes: int  # live before the step: parameters + optimizer state + batch
+    peak_at: str  # where the peak happened (CPU: phase and operator; CUDA: phase)
+    device: str
+    method: str  # which instrument measured it
+    notes: list[str] = field(default_factory=list)
+    timeline: list[tuple[str, str, int]] | None = None  # CPU with record=True: (phase, operator, live bytes)
+
+
+def autocast_dtype(cfg: Config) -> torch.dtype | None:
+    """The autocast dtype a config trains with: bf16, fp16, or None (plain fp32)."""
+    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, impl: str = "fused") -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (as :mod:`minilm.trainer`); ``impl`` picks the kernels.
+
+    The implementation changes the step's temporary memory, not the result: foreach
+    builds one temporary per parameter for the whole model at once (4 bytes/parameter in
+    fp32), the for-loop one parameter at a time, fused none.
+    """
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    flags = {"foreach": {"foreach": True}, "for-loop": {"foreach": False}, "fused": {"fused": True}}[impl]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **flags)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+def _micro_steps(cfg: Config) -> int:
+    # Micro-batch 2 onward all look alike (gradients already exist), so two are enough.
+    return min(cfg.grad_accumulation_steps, 2)
+
+
+def _one_step(
+    model: GPT,
+    opt: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: Config,
+    scaler: torch.amp.GradScaler | None,
+    set_phase: Callable[[str], None],
+    keep_logits: bool = False,
+) -> None:
+    """One optimizer step as minilm's trainer runs it: micro-batches, clipping, AdamW, zero_grad."""
+    device_type = batches[0][0].device.type
+    dtype = autocast_dtype(cfg)
+    logits = None
+    for idx, targets in batches:
+        set_phase("forward")
+        ctx = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with ctx:
+            if keep_logits:  # `logits, loss = model(x, y)`: the logits stay alive through backward
+                logits, loss = model(idx, targets)
+            else:  # index the tuple, so nothing holds the logits once the loss is computed
+                loss = model(idx, targets)[1]
+            loss = loss / cfg.grad_accumulation_steps
+        set_phase("backward")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        del loss
+    del logits
+    set_phase("optimizer")
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def measure_training_step(
+    cfg: Config,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    device: str | torch.device = "cpu",
+    optimizer: str = "fused",
+    keep_logits: bool = False,
+    seed: int = 0,
+    record: bool = False,
+) -> MeasuredMemory:
+    """Build ``GPT(cfg)``, take one warm-up step, then measure the peak of the next step.
+
+    ``batch_size`` and ``seq_len`` default to ``cfg.batch_size`` and ``cfg.max_seq_len``.
+    The step runs ``min(cfg.grad_accumulation_steps, 2)`` micro-batches (later ones repeat
+    the second). ``optimizer`` is AdamW's implementation ('fused', as minilm's trainer uses;
+    'foreach'; 'for-loop'). ``keep_logits=True`` holds the logits in a variable through
+    backward, as ``logits, loss = model(x, y)`` does. ``record=True`` keeps the CPU timeline
+    of (phase, operator, live bytes), to plot memory over the step. CPU uses
+    :class:`LiveStorageTracker`; CUDA uses the allocator's counters.
+    """
+    device = torch.device(device)
+    b = batch_size or cfg.batch_size
+    s = seq_len or cfg.max_seq_len
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    model.train()
+    opt = make_optimizer(model, cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
+    gen = torch.Generator().manual_seed(seed)
+    batches = [
+        tuple(torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device) for _ in range(2))
+        for _ in range(_micro_steps(cfg))
+    ]
+    _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits)  # creates the Adam state
+
+    if device.type == "cuda":
+        return _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits)
+    tracker = LiveStorageTracker(device.type, record=record)
+    tracker.track(list(model.parameters()) + list(_optimizer_tensors(opt)) + [t for bt in batches for t in bt])
+    start = tracker.current
+    with tracker:
+        _one_step(model, opt, batches, cfg, scaler, tracker.set_phase, keep_logits)
+    return MeasuredMemory(
+        peak_bytes=tracker.peak,
+        phase_peak_bytes={k: v for k, v in tracker.phase_peaks.items() if k != "setup"},
+        start_bytes=start,
+        peak_at=tracker.peak_op,
+        device=str(device),
+        method="LiveStorageTracker (TorchDispatchMode, live untyped-storage bytes)",
+        timeline=tracker.timeline,
+    )
+
+
+def _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits) -> MeasuredMemory:
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    phases: dict[str, int] = {}
+    current = ["setup"]
+
+    def set_phase(phase: str) -> None:
+        # Close the previous phase: its peak is the allocator's high-water mark since the last reset.
+        torch.cuda.synchronize(device)
+        prev = current[0]
+        if prev != "setup":
+            phases[prev] = max(phases.get(prev, 0), torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+        current[0] = phase
+
+    torch.cuda.reset_peak_memory_stats(device)
+    _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits)
+    set_phase("done")
+    peak_phase = max(phases, key=phases.get)
+    return MeasuredMemory(
+        peak_bytes=max(phases.values()),
+        phase_peak_bytes=phases,
+        start_bytes=start,
+        peak_at=peak_phase,
+        device=str(device),
+        method="torch.cuda.max_memory_allocated",
+        notes=["counts live tensor bytes rounded to the allocator's 512-byte blocks; not reserved or context memory"],
+    )
