@@ -1,0 +1,143 @@
+"""DDP on CPU: torchrun --nproc_per_node=2 with gloo equals one process on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minilm import Config
+from minilm.config import ConfigError
+from minilm.data import load_text
+from minilm.distributed import check_world_size
+from minilm.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One torchrun launch does both checks. Each rank first computes the gradients of one step
+# (2 micro-batches, so DDP's no_sync runs too) and saves its batches and its all-reduced
+# gradients; then it runs the command line, exactly as `torchrun ... train.py` would.
+RANK_SCRIPT = """
+import sys, torch
+from minilm.cli import main
+from minilm.config import load_config
+from minilm.trainer import Trainer
+
+config, out = sys.argv[1], sys.argv[2]
+trainer = Trainer(load_config(config, {"world_size": 2}), progress=False, verbose=False, sample_tokens=0)
+batches = trainer.next_micro_batches()
+loss = trainer.compute_gradients(batches)
+grads = {n: p.grad for n, p in trainer.raw_model.named_parameters()}
+torch.save({"batches": batches, "grads": grads, "loss": loss}, f"{out}/rank{trainer.dist.rank}.pt")
+sys.exit(main(["--config", config, "--world_size", "2", "--output_dir", f"{out}/run", "--no_progress"]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models gain nothing from more threads, and on a busy machine idle-spinning threads cost seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A micro config on a slice of Shakespeare, and an environment for child processes."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    corpus = tmp / "micro.txt"
+    corpus.write_text(load_text("shakespeare")[:40_000])
+    cfg = Config(
+        vocab_size=72,
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        max_seq_len=16,
+        dropout=0.0,
+        dataset=str(corpus),
+        tokenizer="char",
+        learning_rate=3e-3,
+        batch_size=2,
+        grad_accumulation_steps=2,
+        max_steps=4,
+        warmup_steps=1,
+        eval_steps=2,
+        save_steps=2,
+        eval_batches=2,
+        device="cpu",
+        output_dir=str(tmp / "single"),
+    )
+    cfg_path = tmp / "micro.json"
+    cfg.save(cfg_path)
+    env = dict(os.environ, MINILM_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return tmp, cfg, cfg_path, env
+
+
+@pytest.fixture(scope="module")
+def ddp(setup):
+    """Run RANK_SCRIPT under torchrun --nproc_per_node=2 (gloo); returns its output folder and stdout."""
+    tmp, cfg, cfg_path, env = setup
+    script = tmp / "ddp_check.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp / "ddp"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(script), str(cfg_path), str(out)], env=env, cwd=tmp, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_world_size_is_checked_against_the_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_world_size(Config(world_size=1))
+    with pytest.raises(ConfigError, match=r"'world_size' is 4 but this is a single process.*--nproc_per_node=4"):
+        check_world_size(Config(world_size=4))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_world_size(Config(world_size=2))
+    with pytest.raises(ConfigError, match=r"'world_size' is 1 but the launcher started 2 processes.*--world_size 2"):
+        check_world_size(Config(world_size=1))
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(setup, ddp, monkeypatch):
+    tmp, cfg, cfg_path, env = setup
+    out, _ = ddp
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+    # One process, twice the batch: micro-batch m is rank 0's then rank 1's micro-batch m.
+    monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])
+    single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0)
+    batches = single.next_micro_batches()
+    for m, (x, y) in enumerate(batches):
+        assert torch.equal(x, torch.cat([r0["batches"][m][0], r1["batches"][m][0]]))  # disjoint shares
+        assert torch.equal(y, torch.cat([r0["batches"][m][1], r1["batches"][m][1]]))
+    loss = single.compute_gradients(batches)
+    torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss)
+    for name, p in single.raw_model.named_parameters():
+        assert torch.equal(r0["grads"][name], r1["grads"][name]), name  # DDP left the ranks identical
+        torch.testing.assert_close(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_torchrun_cli_run_and_only_rank0_writes(setup, ddp, monkeypatch):
+    tmp, cfg, cfg_path, env = setup
+    out, stdout = ddp
+    assert stdout.count("non-embedding") == 1  # the parameter table, printed by rank 0 only
+    assert "2 processes" in stdout
+    run = out / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train", "train", "eval", "train", "train", "eval"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]
+
+    # The same run in one process with twice the batch follows the same loss curve.
+    monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])
+    single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0).train()
+    ddp_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert ddp_losses == pytest.approx(single.losses, rel=1e-4)

@@ -1,0 +1,236 @@
+"""The trainer: exact resume, gradient checkpointing, accumulation, bf16, non-finite stop, schedule, signals.
+
+Micro models (d_model 32, 2 layers, 16-token sequences) on a 40k-character slice of the
+bundled Shakespeare, so every test takes seconds on two CPU cores.
+"""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from minilm import Config
+from minilm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from minilm.data import load_text
+from minilm.trainer import NOT_CONVERGING_ADVICE, Trainer, lr_at, make_optimizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models gain nothing from more threads, and on a busy machine idle-spinning threads cost seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "micro.txt"
+    path.write_text(load_text("shakespeare")[:40_000])
+    return path
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MINILM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def micro(corpus, out, **changes) -> Config:
+    base = dict(
+        vocab_size=72,
+        d_model=32,
+        n_heads=2,
+        n_layers=2,
+        max_seq_len=16,
+        dropout=0.1,
+        dataset=str(corpus),
+        tokenizer="char",
+        learning_rate=3e-3,
+        batch_size=4,
+        max_steps=8,
+        warmup_steps=2,
+        eval_steps=4,
+        save_steps=4,
+        eval_batches=2,
+        save_total_limit=0,
+        device="cpu",
+        output_dir=str(out),
+    )
+    return Config(**{**base, **changes})
+
+
+def run(cfg, **kwargs):
+    return Trainer(cfg, progress=False, verbose=False, sample_tokens=0, **kwargs)
+
+
+def train_losses(result):
+    return {r["step"]: r["loss"] for r in result.history if r["kind"] == "train"}
+
+
+def grads(trainer):
+    return {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------
+def test_schedule_shape():
+    cfg = Config(learning_rate=1e-3, min_lr_ratio=0.1, warmup_steps=10, max_steps=100)
+    lrs = [lr_at(s, cfg) for s in range(cfg.max_steps)]
+    assert lrs[0] == pytest.approx(1e-4)  # warmup starts above zero ...
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))  # ... climbs linearly ...
+    assert lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)  # ... to the peak
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then only decays
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01) and min(lrs) >= 1e-4  # to learning_rate * min_lr_ratio
+    assert lr_at(55, cfg) == pytest.approx(1e-4 + 0.5 * 0.9e-3)  # cosine: halfway is the mean
+    assert lr_at(0, cfg.replace(warmup_steps=0)) == pytest.approx(1e-3)
+
+
+def test_weight_decay_groups(corpus, tmp_path, capsys):
+    from minilm.counting import decay_split
+    from minilm.model import GPT
+
+    cfg = micro(corpus, tmp_path)
+    opt = make_optimizer(GPT(cfg), cfg, torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == cfg.weight_decay and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    counts = (sum(p.numel() for p in decayed["params"]), sum(p.numel() for p in plain["params"]))
+    assert counts == decay_split(cfg)
+    assert f"({counts[0]:,} parameters)" in capsys.readouterr().out
+
+
+def test_exact_resume_bit_for_bit(corpus, tmp_path):
+    """Interrupted at step 5 and resumed (from checkpoint-4 or -5) == uninterrupted, bit for bit."""
+    full = run(micro(corpus, tmp_path / "full")).train()
+    assert full.status == "completed" and full.step == 8
+    expected = train_losses(full)
+
+    stopper = run(micro(corpus, tmp_path / "cut"))
+    stopper.add_callback("on_step_end", lambda tr, rec: rec["step"] == 5 and tr.request_stop("test"))
+    cut = stopper.train()
+    assert cut.status == "interrupted" and cut.step == 5 and cut.checkpoint.name == "checkpoint-5"
+    assert train_losses(cut) == {s: expected[s] for s in range(1, 6)}
+
+    for start in (5, 4):
+        resumed = run(micro(corpus, tmp_path / "cut"), resume_from_checkpoint=tmp_path / "cut" / f"checkpoint-{start}")
+        assert resumed.step == start
+        result = resumed.train()
+        assert train_losses(result) == expected  # history continues; floats compared exactly
+        assert result.val_loss == full.val_loss
+    final, final_full = load_checkpoint(tmp_path / "cut" / "checkpoint-8"), load_checkpoint(full.checkpoint)
+    for k, v in final_full.model_state.items():
+        assert torch.equal(final.model_state[k], v), k
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8 + 2  # steps 6..8 replaced, not appended twice: 8 train + 2 eval records
+
+
+def test_gradient_checkpointing_same_gradients(corpus, tmp_path):
+    a = run(micro(corpus, tmp_path / "a"))
+    b = run(micro(corpus, tmp_path / "b", gradient_checkpointing=True))
+    assert b.raw_model.gradient_checkpointing and not a.raw_model.gradient_checkpointing
+    batches = a.next_micro_batches()
+    torch.manual_seed(0)  # same dropout masks in both (checkpointing replays the RNG on recompute)
+    loss_a = a.compute_gradients(batches)
+    torch.manual_seed(0)
+    loss_b = b.compute_gradients(batches)
+    assert torch.equal(loss_a, loss_b)
+    ga, gb = grads(a), grads(b)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=0, atol=0, msg=name)
+
+
+def test_accumulation_equals_one_big_batch(corpus, tmp_path):
+    """4 micro-batches of 2 sequences == 1 batch of 8: same sequences, same gradient."""
+    acc = run(micro(corpus, tmp_path / "acc", dropout=0.0, batch_size=2, grad_accumulation_steps=4))
+    big = run(micro(corpus, tmp_path / "big", dropout=0.0, batch_size=8, grad_accumulation_steps=1))
+    micro_batches, (one,) = acc.next_micro_batches(), big.next_micro_batches()
+    assert len(micro_batches) == 4
+    assert torch.equal(torch.cat([x for x, _ in micro_batches]), one[0])
+    loss_acc, loss_big = acc.compute_gradients(micro_batches), big.compute_gradients([one])
+    torch.testing.assert_close(loss_acc, loss_big)
+    ga, gb = grads(acc), grads(big)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_run(corpus, tmp_path):
+    fp32 = run(micro(corpus, tmp_path / "fp32", dropout=0.0)).train()
+    trainer = run(micro(corpus, tmp_path / "bf16", dropout=0.0, bf16=True))
+    seen = []
+    trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    result = trainer.train()
+    assert torch.bfloat16 in seen  # the matmuls ran in bf16 ...
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # ... the weights stay fp32
+    assert result.status == "completed" and math.isfinite(result.val_loss)
+    bf, fp = train_losses(result), train_losses(fp32)
+    assert bf[8] < bf[1]
+    assert all(abs(bf[s] - fp[s]) < 0.05 for s in fp)  # the loss curve tracks fp32
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
+    cfg = micro(corpus, tmp_path, save_steps=2, max_steps=10)
+    trainer = Trainer(cfg, progress=False, sample_tokens=0)
+
+    def poison(tr, rec):  # after step 5 (not a save step), break the weights
+        if rec["step"] == 5:
+            with torch.no_grad():
+                tr.raw_model.wte.weight.fill_(float("nan"))
+
+    trainer.add_callback("on_step_end", poison)
+    result = trainer.train()
+    assert result.status == "non_finite" and result.step == 5
+    assert "non-finite loss (nan) at step 5" in result.message and NOT_CONVERGING_ADVICE in result.message
+    assert "halve the learning rate" in capsys.readouterr().out
+    assert result.checkpoint == tmp_path / "checkpoint-4"
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    good = load_checkpoint(result.checkpoint)
+    assert all(torch.isfinite(v).all() for v in good.model_state.values())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_stops(corpus, tmp_path, sig):
+    trainer = run(micro(corpus, tmp_path, max_steps=50))
+    trainer.add_callback("on_step_end", lambda tr, rec: rec["step"] == 3 and os.kill(os.getpid(), sig))
+    result = trainer.train()
+    assert result.status == "interrupted" and result.step == 3
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_keyboard_interrupt_mid_step_saves_the_last_step_boundary(corpus, tmp_path):
+    """A KeyboardInterrupt in the middle of a step (a notebook's stop button) saves the state before it."""
+    full = run(micro(corpus, tmp_path / "full")).train()
+    trainer = run(micro(corpus, tmp_path / "kb"), handle_signals=False)
+    original = trainer.compute_gradients
+
+    def interrupted(batches):
+        if trainer.step == 3:
+            original(batches)  # consumes data and dropout randomness, then the user interrupts
+            raise KeyboardInterrupt
+        return original(batches)
+
+    trainer.compute_gradients = interrupted
+    assert trainer.train().status == "interrupted"
+    resumed = run(micro(corpus, tmp_path / "kb"), resume_from_checkpoint=tmp_path / "kb" / "checkpoint-3")
+    assert train_losses(resumed.train()) == train_losses(full)
+
+
+def test_metrics_callbacks_and_sample(corpus, tmp_path):
+    events = []
+    trainer = Trainer(
+        micro(corpus, tmp_path, max_steps=4, eval_steps=2),
+        progress=False,
+        verbose=False,
+        sample_tokens=20,
+        callbacks={"on_eval": lambda tr, rec: events.append(("eval", rec["step"]))},
+    )
+    trainer.add_callback("on_checkpoint", lambda tr, rec: events.append(("ckpt", rec["step"])))
+    result = trainer.train()
+    assert events == [("eval", 2), ("eval", 4), ("ckpt", 4)]
+    assert result.val_perplexity == pytest.approx(math.exp(result.val_loss))
+    assert result.unigram_loss > 0 and len(result.losses) == 4
+    assert isinstance(result.sample, str) and len(result.sample) == 21  # newline prompt + 20 characters
+    kinds = [line.split('"kind": "')[1][:4] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["trai", "trai", "eval", "trai", "trai", "eval"]
