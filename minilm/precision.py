@@ -1,0 +1,96 @@
+"""Mixed precision in one switch: which autocast dtype a run uses, from the config and the hardware.
+
+    >>> from minilm.precision import autocast_dtype, autocast_context
+    >>> dtype = autocast_dtype(cfg, device)    # torch.bfloat16, torch.float16, or None for plain fp32
+    >>> ctx = autocast_context(device, dtype)  # nullcontext() when dtype is None
+    >>> scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
+    >>> with ctx:
+    ...     logits, loss = model(x, y)
+
+The rules (:func:`autocast_dtype`):
+
+- ``bf16: true`` or ``fp16: true`` on a CPU: bfloat16 autocast where the CPU multiplies bf16
+  natively (AVX512-BF16 or AMX on x86, the BF16 extension on Arm), about 2-4x the fp32 matmul
+  rate; plain fp32 elsewhere, where emulated bf16 would be slower. fp16 becomes bf16 on CPU:
+  no CPU we target has fast fp16 matmuls, and bf16 needs no gradient scaler.
+- ``bf16: true`` on a GPU: bfloat16 where the GPU supports it (Ampere and newer), else
+  float16 (with a gradient scaler: check ``dtype == torch.float16``).
+- ``fp16: true`` on a GPU: float16.
+- neither: None (fp32).
+
+Parameters, gradients and optimizer state stay fp32 under autocast; only the matmuls (and
+the activations they produce) drop to 16 bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from minilm.config import Config
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (so bf16 autocast is faster than fp32)."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    if machine in ("aarch64", "arm64"):
+        try:  # Linux lists the Arm BF16 extension among the CPU features
+            return any(
+                line.startswith("Features") and "bf16" in line.split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+            )
+        except OSError:  # macOS and others: no /proc; stay with fp32
+            return False
+    return False
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def autocast_dtype(cfg: Config, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype for ``cfg`` on ``device``: bf16, fp16, or None for plain fp32 (rules above)."""
+    kind = _device_type(device)
+    wanted = cfg.bf16 or cfg.fp16
+    if not wanted:
+        return None
+    if kind == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    if kind == "cuda":
+        if cfg.fp16:
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cfg.bf16 else torch.float16  # other accelerators: as asked
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a do-nothing context for fp32 (dtype None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device_type(device), dtype=dtype)
+
+
+def describe_precision(cfg: Config, device: torch.device | str) -> str:
+    """One line for the log: what runs, and why (e.g. a bf16 request on a CPU without bf16)."""
+    dtype = autocast_dtype(cfg, device)
+    kind = _device_type(device)
+    asked = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    if dtype is None:
+        if asked == "fp32":
+            return "fp32"
+        return f"fp32 ({asked} requested, but this CPU has no native bf16 matmul: fp32 is faster here)"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if name != asked:
+        return f"{name} autocast ({asked} requested; {kind} runs {name})"
+    return f"{name} autocast"
