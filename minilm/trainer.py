@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -191,6 +192,7 @@ class TrainResult:
     train_loss: float | None  # last step's training loss
     val_loss: float | None  # last validation loss
     val_perplexity: float | None  # exp(val_loss)
+    val_step: int | None  # the step at which val_loss was measured
     unigram_loss: float | None  # validation loss of "predict by token frequency": the bar to beat
     tokens_per_s: float  # training tokens per second of step time (all processes together)
     wall_time_s: float  # seconds from the start of train() to the end, evaluation and saving included
@@ -503,11 +505,7 @@ class Trainer:
         status, message = "completed", f"reached max_steps={cfg.max_steps}"
         train_time, train_tokens = 0.0, 0
         loss_value: float | None = None
-        last_eval: dict[str, float] | None = None
-        for rec in reversed(self.history):
-            if rec["kind"] == "eval":
-                last_eval = {"val_loss": rec["val_loss"], "val_perplexity": rec["val_perplexity"]}
-                break
+        last_eval = next((r for r in reversed(self.history) if r["kind"] == "eval"), None)  # after a resume
         self.raw_model.train()
         self._boundary = self._data_position()
         try:
@@ -587,6 +585,7 @@ class Trainer:
             train_loss=loss_value,
             val_loss=last_eval["val_loss"] if last_eval else None,
             val_perplexity=last_eval["val_perplexity"] if last_eval else None,
+            val_step=last_eval["step"] if last_eval else None,
             unigram_loss=self.unigram_loss,
             tokens_per_s=train_tokens / train_time if train_time > 0 else 0.0,
             wall_time_s=time.perf_counter() - t_start,
@@ -599,7 +598,7 @@ class Trainer:
         self._fire("on_train_end", {"kind": "end", "step": self.step, "status": status, "result": result})
         return result
 
-    def _eval_and_record(self) -> dict[str, float]:
+    def _eval_and_record(self) -> dict[str, Any]:
         ev = self.evaluate()
         rec = {"kind": "eval", "step": self.step, **ev}
         self._record(rec)
@@ -608,7 +607,7 @@ class Trainer:
             f"(unigram baseline {self.unigram_loss:.4f})"
         )
         self._fire("on_eval", rec)
-        return ev
+        return rec
 
     def _non_finite_message(self, what: str, value: float) -> str:
         kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint saved"
@@ -619,7 +618,11 @@ class Trainer:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return lambda: None
 
+        pid = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != pid:
+                return  # a forked data-loader worker inherited this handler: it keeps serving the main process
             name = signal.Signals(signum).name
             if self._stop_reason is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -662,9 +665,10 @@ class Trainer:
         print(f"{r.status}: {r.message}")
         if r.val_loss is not None:
             print(
-                f"validation loss {r.val_loss:.4f} (perplexity {r.val_perplexity:.2f}) vs unigram baseline "
-                f"{r.unigram_loss:.4f}; {r.tokens_per_s:,.0f} tokens/s; {r.wall_time_s:.1f} s"
+                f"validation loss {r.val_loss:.4f} at step {r.val_step} (perplexity {r.val_perplexity:.2f}) "
+                f"vs unigram baseline {r.unigram_loss:.4f}"
             )
+        print(f"{r.tokens_per_s:,.0f} training tokens/s; {r.wall_time_s:.1f} s in train()")
         if r.checkpoint:
             print(f"checkpoint: {r.checkpoint}")
         if r.sample is not None:

@@ -234,3 +234,37 @@ def test_metrics_callbacks_and_sample(corpus, tmp_path):
     assert isinstance(result.sample, str) and len(result.sample) == 21  # newline prompt + 20 characters
     kinds = [line.split('"kind": "')[1][:4] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kinds == ["trai", "trai", "eval", "trai", "trai", "eval"]
+
+
+def test_fp16_autocast_with_gradient_scaler(corpus, tmp_path, monkeypatch):
+    """The fp16 path (autocast float16 + GradScaler) as a GPU runs it; torch's CPU autocast supports fp16 too.
+
+    minilm.precision runs bf16 for fp16 on a CPU (faster, no scaler needed), so force float16 here.
+    """
+    import minilm.trainer
+
+    monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device: torch.float16)
+    trainer = run(micro(corpus, tmp_path, fp16=True, dropout=0.0))
+    assert trainer.scaler.is_enabled() and "gradient scaler" in trainer.precision_name
+    seen = []
+    trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    result = trainer.train()
+    assert torch.float16 in seen and result.status == "completed" and math.isfinite(result.val_loss)
+    assert train_losses(result)[8] < train_losses(result)[1]
+    scale = load_checkpoint(result.checkpoint).training_state["scaler"]["scale"]
+    assert scale == trainer.scaler.get_scale() > 0  # the scaler's state travels with the checkpoint
+
+
+def test_compile_option_saves_plain_keys(corpus, tmp_path, monkeypatch):
+    """compile=True trains the torch.compile'd model; checkpoints still hold the plain keys (no _orig_mod.)."""
+    import functools
+
+    import minilm.trainer
+
+    # The 'eager' backend runs the captured graph without generating C++: the wiring, in seconds.
+    monkeypatch.setattr(minilm.trainer.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    trainer = run(micro(corpus, tmp_path, compile=True, max_steps=4))
+    assert trainer.model is not trainer.raw_model and hasattr(trainer.model, "_orig_mod")
+    result = trainer.train()
+    keys = load_checkpoint(result.checkpoint).model_state.keys()
+    assert keys == trainer.raw_model.state_dict().keys() and not any("_orig_mod" in k for k in keys)
