@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -56,6 +57,8 @@ from minilm.checkpoint import CheckpointError
 from minilm.config import Config
 from minilm.counting import parameter_table
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
+from minilm.flops import flops_per_token
+from minilm.hardware import measure_matmul_flops, peak_flops
 from minilm.model import GPT
 from minilm.precision import autocast_context, autocast_dtype, describe_precision
 
@@ -144,6 +147,44 @@ def precision(cfg: Config, device: torch.device) -> tuple[AbstractContextManager
     return autocast_context(device, dtype), scaler, name
 
 
+def datasheet_name(gpu_name: str) -> str | None:
+    """The :mod:`minilm.hardware` entry for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100 SXM'."""
+    g = gpu_name.upper()
+    if re.search(r"\bH200\b", g):
+        return "H200 SXM"
+    if re.search(r"\bH100\b", g):
+        return "H100 PCIe" if "PCIE" in g else "H100 SXM"
+    if re.search(r"\bA100\b", g):
+        return "A100 80GB" if "80G" in g else "A100 40GB"
+    for model, name in (
+        ("L4", "L4"),
+        ("RTX 4090", "RTX 4090"),
+        ("RTX 3090", "RTX 3090"),
+        ("V100", "V100 SXM2"),
+        ("T4", "T4"),
+    ):
+        if re.search(rf"\b{model}\b", g):
+            return name
+    return None
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype | None) -> tuple[float | None, str]:
+    """One device's dense peak FLOP/s at the precision the matmuls run in, and where the figure comes from.
+
+    A GPU in :data:`minilm.hardware.ACCELERATORS` uses its datasheet peak; any other GPU is
+    measured on the spot (a large matmul, a fraction of a second). CPUs: (None, ''): their
+    practical peak depends on what else runs, so the trainer reports tokens/s and FLOP/s only.
+    """
+    if device.type != "cuda":
+        return None, ""
+    precision_key = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = datasheet_name(torch.cuda.get_device_name(device))
+    if name is not None:
+        return peak_flops(name, precision_key), f"{name} {precision_key} datasheet peak"
+    measured = measure_matmul_flops(dtype or torch.float32, size=4096, device=device)
+    return measured, f"measured {precision_key} matmul peak"
+
+
 @torch.no_grad()
 def generate_text(
     model: GPT,
@@ -195,6 +236,7 @@ class TrainResult:
     val_step: int | None  # the step at which val_loss was measured
     unigram_loss: float | None  # validation loss of "predict by token frequency": the bar to beat
     tokens_per_s: float  # training tokens per second of step time (all processes together)
+    mfu: float | None  # model FLOPs utilisation (0-1) against the GPU's peak; None on a CPU
     wall_time_s: float  # seconds from the start of train() to the end, evaluation and saving included
     checkpoint: Path | None  # the last checkpoint saved (after a non-finite loss: the last good one)
     sample: str | None  # text generated at the end
@@ -279,6 +321,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(cfg).to(self.device)  # the plain module: its state dict is what we save
         self.autocast, self.scaler, self.precision_name = precision(cfg, self.device)
+        self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
+        self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device))
         self._print_header()
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device, verbose=self.verbose)
         self.step = 0  # optimizer steps taken
@@ -318,6 +362,12 @@ class Trainer:
         """Stop data workers and leave the process group (the CLI calls this; notebooks rarely need to)."""
         self.sampler.close()
         dist_utils.cleanup(self.dist)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of a throughput (all processes): model FLOP/s over the devices' peak."""
+        if not self.peak_flops:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
 
     def _stop_requested(self) -> bool:
         """Whether any rank was asked to stop (a signal may reach only some): all ranks must agree."""
@@ -545,11 +595,15 @@ class Trainer:
                     "grad_norm": grad_norm,
                     "tokens": self.tokens_seen,
                     "tokens_per_s": tokens / dt,
+                    **({"mfu": self.mfu(tokens / dt)} if self.peak_flops else {}),
                     "time_s": time.perf_counter() - t_start,
                 }
                 self._record(rec)
                 self._fire("on_step_end", rec)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
+                postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens / dt:,.0f}"}
+                if self.peak_flops:
+                    postfix["mfu"] = f"{rec['mfu']:.1%}"
+                bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
 
                 if self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
@@ -576,6 +630,7 @@ class Trainer:
             bar.close()
             restore()
 
+        tokens_per_s = train_tokens / train_time if train_time > 0 else 0.0
         sample = None
         if status == "completed" and self.is_main and self.sample_tokens > 0:
             sample = self.sample(max_new_tokens=self.sample_tokens)
@@ -587,7 +642,8 @@ class Trainer:
             val_perplexity=last_eval["val_perplexity"] if last_eval else None,
             val_step=last_eval["step"] if last_eval else None,
             unigram_loss=self.unigram_loss,
-            tokens_per_s=train_tokens / train_time if train_time > 0 else 0.0,
+            tokens_per_s=tokens_per_s,
+            mfu=self.mfu(tokens_per_s),
             wall_time_s=time.perf_counter() - t_start,
             checkpoint=self.last_checkpoint,
             sample=sample,
@@ -655,7 +711,9 @@ class Trainer:
         )
         print(
             f"{cfg.tokens_per_step:,} tokens per step (batch {cfg.batch_size} x accumulation "
-            f"{cfg.grad_accumulation_steps} x {self.dist.world_size} processes x {cfg.max_seq_len} tokens)"
+            f"{cfg.grad_accumulation_steps} x {self.dist.world_size} processes x {cfg.max_seq_len} tokens), "
+            f"{self.flops_per_token:,} model FLOPs per token"
+            + (f"; MFU against the {self.peak_source}, {self.peak_flops / 1e12:g} TFLOP/s" if self.peak_flops else "")
         )
         print(f"unigram baseline (validation): {self.unigram_loss:.4f} nats/token: the loss to get below")
 
@@ -668,7 +726,11 @@ class Trainer:
                 f"validation loss {r.val_loss:.4f} at step {r.val_step} (perplexity {r.val_perplexity:.2f}) "
                 f"vs unigram baseline {r.unigram_loss:.4f}"
             )
-        print(f"{r.tokens_per_s:,.0f} training tokens/s; {r.wall_time_s:.1f} s in train()")
+        speed = f"{r.tokens_per_s:,.0f} training tokens/s = {r.tokens_per_s * self.flops_per_token / 1e12:.3g} TFLOP/s"
+        if r.mfu is not None:
+            n = f"{self.dist.world_size} x " if self.dist.world_size > 1 else ""
+            speed += f", MFU {r.mfu:.1%} (of {n}the {self.peak_source})"
+        print(f"{speed}; {r.wall_time_s:.1f} s in train()")
         if r.checkpoint:
             print(f"checkpoint: {r.checkpoint}")
         if r.sample is not None:

@@ -268,3 +268,37 @@ def test_compile_option_saves_plain_keys(corpus, tmp_path, monkeypatch):
     result = trainer.train()
     keys = load_checkpoint(result.checkpoint).model_state.keys()
     assert keys == trainer.raw_model.state_dict().keys() and not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    "gpu, name",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100 40GB"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA L40S", None),  # not L4: measured on the spot instead
+        ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ("Tesla T4", "T4"),
+        ("Tesla V100-SXM2-32GB", "V100 SXM2"),
+    ],
+)
+def test_gpu_names_map_to_datasheet_peaks(gpu, name):
+    from minilm.trainer import datasheet_name
+
+    assert datasheet_name(gpu) == name
+
+
+def test_mfu_is_reported_where_a_peak_is_known(corpus, tmp_path, monkeypatch, capsys):
+    """On a GPU the loop logs MFU each step; faked here with a 1 TFLOP/s 'device' on the CPU."""
+    import minilm.trainer
+
+    monkeypatch.setattr(minilm.trainer, "device_peak_flops", lambda device, dtype: (1e12, "test peak"))
+    trainer = Trainer(micro(corpus, tmp_path, max_steps=2), progress=False, sample_tokens=0)
+    result = trainer.train()
+    rec = result.history[0]
+    assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * trainer.flops_per_token / 1e12)
+    assert result.mfu == pytest.approx(result.tokens_per_s * trainer.flops_per_token / 1e12)
+    assert "of the test peak" in capsys.readouterr().out
