@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from minilm.config import Config
 from minilm.counting import count_parameters, format_count
+from minilm.memory import attention_path
 from minilm.model import GPT
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal D ≈ 20·N
@@ -114,8 +115,12 @@ class FlopBreakdown:
         return "\n".join(f"{n:<{w}}  {v:>16,}  {format_count(v):>7}  {v / self.total:>6.1%}" for n, v in rows)
 
 
-def flop_breakdown(cfg: Config, seq_len: int | None = None) -> FlopBreakdown:
-    """Training FLOPs per token of ``GPT(cfg)`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``)."""
+def flop_breakdown(cfg: Config, seq_len: int | None = None, device_type: str = "cuda") -> FlopBreakdown:
+    """Training FLOPs per token of ``GPT(cfg)`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``).
+
+    ``device_type`` only matters for the hardware-FLOPs extra of fused SDPA: on CPU with
+    dropout > 0 SDPA falls back to its math path, which does not recompute the scores.
+    """
     s = seq_len or cfg.max_seq_len
     d, f, V, L = cfg.d_model, cfg.ff_width, cfg.vocab_size, cfg.n_layers
     per_layer_mm = 4 * d * d + 2 * d * f
@@ -128,7 +133,7 @@ def flop_breakdown(cfg: Config, seq_len: int | None = None) -> FlopBreakdown:
         mlp=2 * L * 2 * d * f,
         lm_head=2 * V * d,
         attention_scores=scores,
-        sdpa_backward_recompute=scores // 2 if cfg.attention == "sdpa" else 0,
+        sdpa_backward_recompute=scores // 2 if attention_path(cfg, device_type) == "fused" else 0,
         # Checkpointing re-runs each block's forward, but torch stops the recompute once every
         # tensor backward needs exists: the MLP's output projection (2·d·f) is never re-run.
         checkpoint_recompute=(2 * L * (4 * d * d + d * f) + scores) if cfg.gradient_checkpointing else 0,
