@@ -198,6 +198,25 @@ def _one_step(
     opt.zero_grad(set_to_none=True)
 
 
+def _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits):
+    """Model, optimizer, scaler and batches, after one warm-up step (which creates AdamW's state)."""
+    device = torch.device(device)
+    b = batch_size or cfg.batch_size
+    s = seq_len or cfg.max_seq_len
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    model.train()
+    opt = make_optimizer(model, cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
+    gen = torch.Generator().manual_seed(seed)
+    batches = [
+        tuple(torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device) for _ in range(2))
+        for _ in range(_micro_steps(cfg))
+    ]
+    _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits)
+    return model, opt, scaler, batches
+
+
 def measure_training_step(
     cfg: Config,
     *,
@@ -219,21 +238,8 @@ def measure_training_step(
     of (phase, operator, live bytes), to plot memory over the step. CPU uses
     :class:`LiveStorageTracker`; CUDA uses the allocator's counters.
     """
+    model, opt, scaler, batches = _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits)
     device = torch.device(device)
-    b = batch_size or cfg.batch_size
-    s = seq_len or cfg.max_seq_len
-    torch.manual_seed(seed)
-    model = GPT(cfg).to(device)
-    model.train()
-    opt = make_optimizer(model, cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
-    gen = torch.Generator().manual_seed(seed)
-    batches = [
-        tuple(torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device) for _ in range(2))
-        for _ in range(_micro_steps(cfg))
-    ]
-    _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits)  # creates the Adam state
-
     if device.type == "cuda":
         return _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits)
     tracker = LiveStorageTracker(device.type, record=record)
@@ -280,3 +286,32 @@ def _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits) -> Meas
         method="torch.cuda.max_memory_allocated",
         notes=["counts live tensor bytes rounded to the allocator's 512-byte blocks; not reserved or context memory"],
     )
+
+
+def measure_with_memtracker(
+    cfg: Config,
+    *,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    optimizer: str = "fused",
+    keep_logits: bool = False,
+    seed: int = 0,
+) -> int:
+    """The same steady-state step on CPU, measured by PyTorch's own ``MemTracker``: peak bytes.
+
+    An instrument minilm did not write (``torch.distributed._tools.mem_tracker``), to check
+    :class:`LiveStorageTracker` against. Same setup and step as :func:`measure_training_step`.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model, opt, scaler, batches = _prepared(cfg, batch_size, seq_len, "cpu", optimizer, seed, keep_logits)
+    tracker = MemTracker()
+    tracker.track_external(model, opt, *[t for bt in batches for t in bt])
+
+    def set_phase(phase: str) -> None:
+        if phase == "forward":
+            tracker.reset_mod_stats()  # MemTracker's per-module stats refuse a second forward otherwise
+
+    with tracker:
+        _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits)
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
