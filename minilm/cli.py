@@ -137,15 +137,16 @@ def resolve_train_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
             parser.error("--config is required (or --resume_from_checkpoint PATH to continue a run with its config)")
     except ConfigError as e:
         parser.error(str(e))
-    except CheckpointError as e:
-        parser.error(str(e))
-    return cfg, ns
+    return cfg, ns  # a missing or broken --resume_from_checkpoint raises CheckpointError
 
 
 def run_train(argv: list[str]) -> int:
     from minilm.trainer import Trainer  # imported here: `minilm sample` does not need it
 
-    cfg, ns = resolve_train_args(argv)
+    try:
+        cfg, ns = resolve_train_args(argv)
+    except CheckpointError as e:
+        return _error(str(e))
     if ns.dry_run:
         print(parameter_table(cfg))
         print(json.dumps(cfg.to_dict(), indent=2))

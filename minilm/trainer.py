@@ -318,6 +318,8 @@ class Trainer:
         self.unigram_loss = unigram_baseline(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
 
         # Model, optimizer, precision. Every rank seeds alike, so all start from the same weights.
+        # (The ranks then also draw the same dropout masks, on different data: one RNG state,
+        # rank 0's, is then the state of every rank, which keeps a DDP resume exact.)
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(cfg).to(self.device)  # the plain module: its state dict is what we save
         self.autocast, self.scaler, self.precision_name = precision(cfg, self.device)

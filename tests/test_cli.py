@@ -185,3 +185,10 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(micro_config, tmp_path):
     assert step >= 5 and f"checkpoint: {saved}" in output
     assert main(["--resume_from_checkpoint", "latest", *args, "--max_steps", str(step + 2), "--no_progress"]) == 0
     assert list_checkpoints(out)[-1].name == f"checkpoint-{step + 2}"
+
+
+def test_missing_resume_checkpoint_is_a_clear_error(micro_config, capsys, tmp_path):
+    assert main(["--resume_from_checkpoint", str(tmp_path / "checkpoint-10000")]) == 1
+    assert "checkpoint-10000: no such checkpoint" in capsys.readouterr().err
+    assert main(["--config", str(micro_config[0]), "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")]) == 1
+    assert "checkpoint-3: no such checkpoint" in capsys.readouterr().err
