@@ -1,0 +1,160 @@
+"""Size selection: what fits, how long it trains, and the planner's fix for a config that does not fit."""
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+
+from minilm.config import Config, load_config
+from minilm.counting import count_parameters
+from minilm.flops import flops_per_token, tokens_per_second_at
+from minilm.memory import GB, estimate_training_memory
+from minilm.sizing import (
+    DESIGN_CLAIMS,
+    Hardware,
+    design_claims,
+    design_claims_table,
+    fits,
+    largest_batch_that_fits,
+    plan_to_fit,
+    size_options,
+    sizing_table,
+    throughput,
+    training_hours,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped(name: str) -> Config:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_config(ROOT / "configs" / "training" / f"{name}_model.json")
+
+
+def test_usable_memory_and_fits():
+    hw = Hardware(memory_gb=16)
+    assert hw.usable_bytes == int((16 * 0.9 - 1.0) * GB)
+    cfg = shipped("small")
+    peak = estimate_training_memory(cfg).peak_bytes
+    assert fits(cfg, hw) == (peak <= hw.usable_bytes)
+    assert fits(cfg, Hardware(memory_gb=80)) and not fits(cfg.replace(batch_size=256), Hardware(memory_gb=8))
+
+
+def test_planner_makes_an_oversized_config_fit_and_keeps_the_effective_batch():
+    cfg = shipped("base").replace(batch_size=64, bf16=False)  # 64 x 1024 tokens in fp32: ~60 GiB
+    hw = Hardware(memory_gb=16)
+    assert not fits(cfg, hw)
+    plan = plan_to_fit(cfg, hw)
+    assert not plan.original.fits and plan.best is not None and plan.best.fits
+    best = plan.best
+    assert best.peak_bytes <= hw.usable_bytes
+    assert best.peak_bytes == estimate_training_memory(best.config).peak_bytes  # reported memory is the estimate's
+    assert best.effective_batch == cfg.batch_size * cfg.grad_accumulation_steps  # same optimisation
+    assert best.config.n_layers == cfg.n_layers and not best.changes_model
+    # Each single change is listed with its own memory, all below the original's.
+    assert {"gradient checkpointing", "bf16 autocast"} <= {s.changes[0] for s in plan.options}
+    assert all(s.peak_bytes < plan.original.peak_bytes for s in plan.options)
+    assert "cheapest that fits" in plan.table() and plan.table("markdown").startswith("| change |")
+
+
+def test_planner_picks_the_cheapest_fitting_combination():
+    cfg = shipped("base").replace(batch_size=64, bf16=False)
+    plan = plan_to_fit(cfg, 16)
+    best = plan.best
+    # No fitting option that keeps the model may add less compute, or as little with fewer halvings.
+    assert best.compute_factor == 1.0  # checkpointing was not needed
+    halvings = round(math.log2(cfg.batch_size // best.config.batch_size))
+    if halvings:  # one halving fewer does not fit with the same other changes
+        fewer = best.config.replace(
+            batch_size=best.config.batch_size * 2, grad_accumulation_steps=best.config.grad_accumulation_steps // 2
+        )
+        assert not fits(fewer, Hardware(memory_gb=16))
+
+
+def test_a_config_that_already_fits_needs_no_change():
+    plan = plan_to_fit(shipped("small"), Hardware(memory_gb=80))
+    assert plan.original.fits and plan.best.changes == () and plan.best.config == plan.original.config
+
+
+def test_checkpointing_is_chosen_when_halving_is_not_enough():
+    # Batch 1 cannot be halved: only checkpointing (and precision) are left.
+    cfg = shipped("base").replace(batch_size=1, grad_accumulation_steps=1, bf16=True, max_seq_len=4096)
+    hw = Hardware(memory_gb=float(estimate_training_memory(cfg).peak_bytes / GB * 0.8 + 1))
+    assert not fits(cfg, hw)
+    plan = plan_to_fit(cfg, hw)
+    assert plan.best is not None and plan.best.config.gradient_checkpointing
+    assert plan.best.compute_factor > 1.1  # it costs a recomputed forward
+
+
+def test_smaller_model_as_a_last_resort():
+    cfg = shipped("large").replace(world_size=1)  # bf16, checkpointing, 8 x 1024
+    plan = plan_to_fit(cfg, Hardware(memory_gb=8))
+    best = plan.best
+    assert best is not None and best.fits and best.changes_model
+    assert best.config.n_layers < cfg.n_layers and best.changes[0].startswith("smaller model")
+    assert count_parameters(best.config).total < count_parameters(cfg).total
+    assert plan.notes
+    assert plan_to_fit(cfg, Hardware(memory_gb=8), allow_smaller_model=False).best is None
+    assert plan_to_fit(cfg, Hardware(memory_gb=1.0)).best is None  # nothing fits in 1 GB minus the context
+
+
+def test_fp16_where_the_gpu_has_no_bf16():
+    cfg = shipped("small").replace(bf16=False, batch_size=32)
+    plan = plan_to_fit(cfg, Hardware.from_accelerator("T4"))
+    assert any("fp16" in s.changes[0] for s in plan.options)
+    assert not any("bf16" in c for s in plan.options for c in s.changes)
+
+
+def test_largest_batch_that_fits():
+    cfg, hw = shipped("small"), Hardware(memory_gb=8)
+    b = largest_batch_that_fits(cfg, hw)
+    assert b > 0 and fits(cfg.replace(batch_size=b), hw) and not fits(cfg.replace(batch_size=b + 1), hw)
+    assert largest_batch_that_fits(shipped("large"), Hardware(memory_gb=1.0)) == 0
+
+
+def test_throughput_and_time():
+    cfg = shipped("small")
+    measured = Hardware(memory_gb=24, n_devices=2, tokens_per_second=50_000)
+    assert throughput(cfg, measured) == 100_000
+    assert training_hours(cfg, 3.6e9, measured) == pytest.approx(10.0)
+    hw = Hardware.from_accelerator("A100 80GB", mfu=0.5)
+    assert throughput(cfg, hw) == pytest.approx(tokens_per_second_at(cfg, "A100 80GB", 0.5))
+    assert throughput(cfg, hw) == pytest.approx(312e12 * 0.5 / flops_per_token(cfg))  # bf16 config, no checkpointing
+    with pytest.raises(ValueError):
+        throughput(cfg, Hardware(memory_gb=24))
+
+
+def test_size_options_and_chinchilla():
+    configs = {name: shipped(name) for name in ("tiny", "small", "base", "large")}
+    hw = Hardware.from_accelerator("RTX 4090")
+    options = size_options(configs, hw, hours=24, target_tokens=1e9)
+    assert [o.name for o in options] == list(configs)
+    for o in options:
+        n = count_parameters(o.config).total
+        assert o.n_parameters == n and o.chinchilla_tokens == 20 * n
+        assert o.hours_to_chinchilla == pytest.approx(20 * n / o.tokens_per_second / 3600)
+        assert o.tokens_in_budget == pytest.approx(24 * 3600 * o.tokens_per_second)
+        assert o.fits == (o.peak_bytes <= hw.usable_bytes)
+    assert options[0].chinchilla_in_budget and not options[-1].chinchilla_in_budget  # tiny yes, large no
+    table = sizing_table(options)
+    assert all(name in table for name in configs) and "time to target" in table
+    assert sizing_table(options, "markdown").startswith("| config |")
+
+
+def test_design_claims_table():
+    checks = design_claims()
+    assert [c.name for c in checks] == ["small", "base", "large"]
+    for c in checks:
+        cfg = shipped(c.name)
+        assert c.n_parameters == count_parameters(cfg).total
+        assert c.design_label == DESIGN_CLAIMS[c.name]["label"]
+        assert c.peak_bytes == estimate_training_memory(cfg).peak_bytes
+        gpu = Hardware(memory_gb=c.recommended_gpu_gb, n_devices=cfg.world_size)
+        assert c.fits_recommended == fits(cfg, gpu)
+        assert c.tokens_per_second > 10 * c.claimed_tokens_per_s  # the design's speeds are far too low
+    assert checks[0].tokens_per_second > 100 * checks[0].claimed_tokens_per_s  # small: hundreds of times
+    table = design_claims_table()
+    for label in ("124M", "355M", "1.3B", "8 GB", "16 GB", "24 GB"):
+        assert label in table
