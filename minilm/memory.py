@@ -27,7 +27,8 @@ Saved for backward by one block (no checkpointing, SDPA, no dropout)::
 In fp32 with f = 4d that is 64·b·s·d bytes, i.e. 16 numbers per token per layer
 (Korthikanti et al. 2022 count 34·b·s·d in bytes at e = 2, with masks and s² terms).
 Gradient checkpointing keeps only each block's fp32 input (4·b·s·d) and rebuilds one
-block at a time during backward.
+block at a time during backward. On CPU under autocast, minilm runs SDPA in fp32
+(:mod:`minilm.attention`), so there q, k, v and the attention output are saved in fp32.
 
 The logits: the LM head writes b·s·V logits (e bytes each), cross-entropy upcasts them to
 fp32 and saves fp32 log-probabilities (4·b·s·V). Early in backward two more fp32 b·s·V
@@ -38,16 +39,27 @@ logits): 12·b·s·V bytes for one moment.
 gradients appear, so the peak is one of a few moments. The estimate adds up what is
 alive at each and takes the largest (``MemoryEstimate.moments``):
 
+* last block forward — the blocks below + one block at its busiest (with checkpointing:
+  that block rebuilt first in backward, next to the head's gradient)
 * forward end — saved activations + logits being turned into log-probs
 * loss backward — saved activations + 3 × b·s·V fp32 tensors
 * last / first block backward — remaining activations + gradients so far + the block's
   backward temporaries (+ the recomputed block with checkpointing)
 * embedding backward — all gradients, plus the tied embedding's two extra V·d gradients
-* optimizer step — weights + gradients + Adam state + the optimizer's temporaries
+* optimizer step — weights + gradients + Adam state + the optimizer's temporaries: none
+  for the fused kernel minilm's trainer uses, 4 bytes per parameter of the larger
+  parameter group for foreach, two tensors' worth for the for-loop
+
+With gradient accumulation every moment from the second micro-batch on also holds the
+gradients (4N), which is why "halve the batch, double the accumulation" saves less than
+half the activations' worth.
 
 "Peak" means the same as in :mod:`minilm.measure`: the most bytes held by live tensors at
-once during a steady-state step (Adam state already exists). See :data:`NOT_COUNTED` for
-what neither counts.
+once during a steady-state step (Adam state already exists). It is checked against that
+measurement on CPU (``tests/test_memory.py``, ``benchmarks/estimator_accuracy.py``); the
+few CUDA-only rules (bool dropout masks, fp32 softmax under autocast, flash attention
+with dropout) follow PyTorch's kernels and autocast lists and are not measured in CI.
+See :data:`NOT_COUNTED` for what neither counts.
 
     >>> from minilm.config import load_config
     >>> est = estimate_training_memory(load_config("configs/training/small_model.json"))

@@ -167,6 +167,8 @@ def size_options(
 
 
 def _hours(h: float) -> str:
+    if h * 60 < 1:
+        return f"{h * 3600:.0f} s"
     if h < 1:
         return f"{h * 60:.0f} min"
     return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
