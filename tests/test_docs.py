@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +204,7 @@ def test_runnable_blocks_run(path, scratch_root, tmp_path):
         if block.kind != "runnable":
             not_run.append(f"{block.where} ({block.kind}: {block.detail})")
             continue
+        t0 = time.perf_counter()
         try:
             r = run_block(block, cwd)
         except subprocess.TimeoutExpired:
@@ -211,6 +213,7 @@ def test_runnable_blocks_run(path, scratch_root, tmp_path):
             f"{block.where} failed (exit {r.returncode}):\n{block.code}\n--- stdout\n{r.stdout[-3000:]}"
             f"\n--- stderr\n{r.stderr[-3000:]}"
         )
+        print(f"{block.where}: {time.perf_counter() - t0:.1f} s")
     if not_run:
         print("not run (marked):\n  " + "\n  ".join(not_run))
 
