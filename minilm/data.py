@@ -384,7 +384,7 @@ class _StepDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned workers get a pickled copy: send the memmap's file name, not its contents.
-        state = dict(self.sampler.__dict__, _loader=None)
+        state = dict(self.sampler.__dict__, _loader=None, _epochs={})  # orders are cheap to redo
         tokens = state["tokens"]
         if isinstance(tokens, np.memmap) and tokens.filename:
             state["tokens"] = ("memmap", tokens.filename, tokens.dtype.str, tokens.shape, tokens.offset)
