@@ -124,7 +124,7 @@ class MeasuredMemory:
     timeline: list[tuple[str, str, int]] | None = None  # CPU with record=True: (phase, operator, live bytes)
 
 
-def autocast_dtype(cfg: Config) -> torch.dtype | None:
+def _autocast_dtype(cfg: Config) -> torch.dtype | None:
     """The autocast dtype a config trains with: bf16, fp16, or None (plain fp32)."""
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
 
@@ -170,7 +170,7 @@ def _one_step(
 ) -> None:
     """One optimizer step as minilm's trainer runs it: micro-batches, clipping, AdamW, zero_grad."""
     device_type = batches[0][0].device.type
-    dtype = autocast_dtype(cfg)
+    dtype = _autocast_dtype(cfg)
     logits = None
     for idx, targets in batches:
         set_phase("forward")
