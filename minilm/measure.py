@@ -125,7 +125,11 @@ class MeasuredMemory:
 
 
 def _autocast_dtype(cfg: Config) -> torch.dtype | None:
-    """The autocast dtype a config trains with: bf16, fp16, or None (plain fp32)."""
+    """The autocast dtype the config asks for: bf16, fp16, or None (plain fp32).
+
+    As asked, whatever the hardware: the trainer (:func:`minilm.precision.autocast_dtype`)
+    may run fp32 on a CPU without native bf16, but the memory question is about the config.
+    """
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
 
 
