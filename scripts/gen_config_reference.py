@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from minilm.config import FIELDS, _describe_allowed, field_nullable, field_type  # noqa: E402
+
 OUTPUT = ROOT / "docs" / "config-reference.md"
 
 GROUPS = {
@@ -154,7 +155,7 @@ INTERACTIONS: list[tuple[str, tuple[str, ...], str]] = [
         ("estimated_parameters",),
         "If set, loading the config counts the real parameters and warns "
         "(`ParameterEstimateWarning`) when the stated number is off by more than 10%. JSON may "
-        "spell it as a string such as `\"124M\"` or `\"1.3B\"`.",
+        'spell it as a string such as `"124M"` or `"1.3B"`.',
     ),
     (
         "Data loading",
@@ -203,7 +204,8 @@ def render(fields: Mapping[str, dataclasses.Field] | None = None) -> str:
         "This page is generated from the dataclass by `python scripts/gen_config_reference.py`; "
         "`tests/test_docs.py` fails when the two differ.",
         "",
-        "**Groups:** " + " · ".join(f"[{title}](#{_anchor(title)})" for title in GROUPS.values())
+        "**Groups:** "
+        + " · ".join(f"[{title}](#{_anchor(title)})" for title in GROUPS.values())
         + " · [Fields that interact](#fields-that-interact)",
         "",
     ]
