@@ -601,6 +601,13 @@ def render_measured(record: dict) -> str:
         ),
         "",
     ]
+    if not on_gpu and m.get("load_average_at_start", [0])[0] > m["cpu_count"]:
+        lines += [
+            "**This machine was shared while measuring** (load average above its core count): other processes "
+            "competed for the cores, so throughput and the matmul peak are lower and noisier than the machine "
+            "can do alone. The memory columns are not affected.",
+            "",
+        ]
     head = ["run", "batch × seq × accum", "precision", "tokens/s (median)", "range", "MFU"]
     head += ["peak measured", "estimated", "estimate error"]
     rows = []
