@@ -269,6 +269,7 @@ class _EditorUI:
         self.controls: dict[str, Any] = {}
         self._auto: dict[str, Any] = {}  # nullable ints: the "auto" checkbox
         self._syncing = False
+        self._control_layout = w.Layout(width="520px")  # shared: one layout model, not one per field
         tabs = []
         for group in GROUPS:
             rows = [self._row(name) for name, f in FIELDS.items() if f.metadata["group"] == group]
@@ -304,8 +305,7 @@ class _EditorUI:
         kind = field_type(name)
         value = self.editor.get(name)
         style = {"description_width": "170px"}
-        layout = w.Layout(width="520px")
-        common = dict(description=name, style=style, layout=layout, tooltip=m["help"])
+        common = dict(description=name, style=style, layout=self._control_layout, tooltip=m["help"])
         lo = m.get("minimum", m.get("exclusive_minimum", None))
         if name in DERIVED:
             control = w.Text(value=str(value), disabled=True, **common)
