@@ -52,6 +52,7 @@ from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at 
 from minilm.hardware import ACCELERATORS, get_accelerator  # noqa: E402
 from minilm.memory import GB, estimate_training_memory  # noqa: E402
 from minilm.sizing import DESIGN_CLAIMS, design_claims_table  # noqa: E402
+from minilm.trainer import datasheet_name  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -443,22 +444,6 @@ def machine_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def match_accelerator(device_name: str) -> str | None:
-    """The ACCELERATORS entry for a CUDA device name ('NVIDIA H100 80GB HBM3' -> 'H100 SXM'), if any."""
-    norm = device_name.upper().replace("NVIDIA", "").replace("GEFORCE", "").strip()
-    for key in ACCELERATORS:
-        if key.upper() == norm:
-            return key
-    model = norm.split()[0] if norm else ""
-    candidates = [k for k in ACCELERATORS if k.upper().split()[0] == model.split("-")[0]]
-    if len(candidates) == 1:
-        return candidates[0]
-    for k in candidates:  # e.g. A100 40GB vs 80GB, H100 SXM vs PCIe
-        if any(tok in norm for tok in k.upper().split()[1:]):
-            return k
-    return candidates[0] if candidates else None
-
-
 def measure_case(case: Case, device: str, cache_dir: str | None) -> dict:
     """Time ``case`` with the real Trainer, then measure the peak memory of one step."""
     import torch
@@ -544,7 +529,7 @@ def derived(record: dict, r: dict) -> dict:
         "mfu_vs_matmul": model_flops / r["matmul_peak_flops"],
         "estimated": est.peak_bytes,
     }
-    acc = match_accelerator(record["machine"]["device"]) if on_gpu else None
+    acc = datasheet_name(record["machine"]["device"]) if on_gpu else None
     if acc is not None:
         out["datasheet"] = acc
         out["mfu_vs_datasheet"] = model_flops / ACCELERATORS[acc].peak(r["precision"])
