@@ -297,7 +297,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             met = target is not None and ratios[k] >= target
             verdict = "" if target is None else f"  target >= {target:.1f}x: {'met' if met else 'NOT met'}"
             print(f"   {k:<27} {ratios[k]:5.2f}x  (from medians {medians[k]:.2f}x){verdict}")
-        results[name] = {"rows": rows, "ratios": ratios, "median_ratios": medians, "first_loss": first}
+        # Amdahl: if bf16 sped up only the matmuls (by the measured peak ratio) and everything else
+        # (attention kernel, norms, GELU, loss, casts, optimizer) kept its fp32 time, the best bf16
+        # could do against this fp32 step. The fp32 MFU is roughly the matmuls' share of the step.
+        share = rows["HF GPT-2 fp32"]["mfu"]
+        ceiling = 1 / ((1 - share) + share / (peak["bf16"] / peak["fp32"]))
+        print(
+            f"   bf16 ceiling vs HF fp32 if only the matmuls sped up ({share:.0%} of the fp32 step, "
+            f"{peak['bf16'] / peak['fp32']:.1f}x faster): {ceiling:.2f}x"
+        )
+        results[name] = {
+            "rows": rows,
+            "ratios": ratios,
+            "median_ratios": medians,
+            "first_loss": first,
+            "bf16_ceiling": ceiling,
+        }
 
         if args.curve_steps:
             fresh = GPT(cfg)
