@@ -375,7 +375,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 type=_parser_type(name),
                 default=argparse.SUPPRESS,
                 metavar=field_type(name).__name__.upper(),
-                help=f"{f.metadata['help']} Allowed: {_describe_allowed(f)}.",
+                # argparse %-formats help strings: a literal '%' (e.g. "10%") must be doubled.
+                help=f"{f.metadata['help']} Allowed: {_describe_allowed(f)}.".replace("%", "%%"),
             )
 
 

@@ -192,3 +192,16 @@ def test_missing_resume_checkpoint_is_a_clear_error(micro_config, capsys, tmp_pa
     assert "checkpoint-10000: no such checkpoint" in capsys.readouterr().err
     assert main(["--config", str(micro_config[0]), "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")]) == 1
     assert "checkpoint-3: no such checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["sample", "--help"]], ids=["train", "sample"])
+def test_help_lists_every_field(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    if argv == ["--help"]:
+        assert all(f"--{name}" in out for name in Config.__dataclass_fields__)
+        assert "off by more than 10% warns" in out  # argparse %-formats help: the '%' must survive
+    else:
+        assert "--max_new_tokens" in out and "--top_k" in out
