@@ -93,9 +93,11 @@ INTERACTIONS: list[tuple[str, tuple[str, ...], str]] = [
         ("fp16", "bf16", "device"),
         "`fp16` and `bf16` cannot both be true (`ConfigError`). Both keep fp32 master weights, so "
         "they shrink activation memory, not the 16 bytes per parameter of weights, gradients and "
-        "AdamW state. `fp16` needs a gradient scaler (its range is narrow); `bf16` does not, but "
-        "needs hardware support (NVIDIA Ampere or newer; recent CPUs). See the "
-        "[training guide](training.md#mixed-precision).",
+        "AdamW state. `fp16` needs a gradient scaler (its range is narrow), which the trainer adds; "
+        "`bf16` does not, but needs hardware support. What runs depends on the device "
+        "(`minilm.precision.autocast_dtype`): on a GPU without bf16, `bf16: true` runs fp16 with the "
+        "scaler; on a CPU either switch runs bf16 if the CPU has native bf16 instructions, else fp32. "
+        "See the [training guide](training.md#mixed-precision).",
     ),
     (
         "Gradient checkpointing trades compute for memory",
@@ -103,7 +105,7 @@ INTERACTIONS: list[tuple[str, tuple[str, ...], str]] = [
         "With `gradient_checkpointing: true` each block keeps only its input during the forward and "
         "recomputes its insides during backward: saved activations drop from roughly "
         "`n_layers` blocks' worth to one block's worth plus one `(batch, seq, d_model)` tensor per "
-        "layer, for about one extra forward pass of compute (~33% more time per step).",
+        "layer, for about 20% more compute (most of each block's forward runs again).",
     ),
     (
         "Tied embeddings are counted once",
@@ -131,24 +133,55 @@ INTERACTIONS: list[tuple[str, tuple[str, ...], str]] = [
         ("vocab_size", "tokenizer", "dataset"),
         "`vocab_size` sets the size of the embedding and of the logits (`batch · seq · vocab_size` "
         "fp32 values, often the largest single tensor in training). It must be large enough for the "
-        "tokenizer chosen for `dataset`: the character tokenizer needs one id per distinct character; "
-        "the byte-level BPE tokenizer learns up to `vocab_size` tokens.",
+        "tokenizer chosen for `dataset`: the character tokenizer needs one id per distinct character "
+        "(84 for the bundled Shakespeare); the byte-level BPE tokenizer needs at least 256 and learns "
+        "up to `vocab_size` tokens. Too small raises an error that names the minimum.",
     ),
     (
         "Parallel processes",
         ("world_size",),
-        "`world_size` is the number of data-parallel processes the config was written for. When "
-        "launched under `torchrun`, the trainer compares it with torchrun's `WORLD_SIZE`. Every "
+        "`world_size` is the number of data-parallel processes the config was written for, and must "
+        "equal the number the launcher started: `world_size > 1` without `torchrun`, or a `torchrun` "
+        "process count that differs, stops with a `ConfigError` that gives both fixes. Every "
         "process holds a full copy of the model, so per-GPU memory does not shrink with more GPUs; "
-        "tokens per step grow instead.",
+        "tokens per step grow instead. Under `torchrun` with CUDA each process uses the GPU numbered "
+        "by its local rank, whatever `device` says.",
     ),
     (
         "Checkpoints and evaluation",
         ("save_steps", "eval_steps", "save_total_limit", "output_dir", "max_steps"),
         "A checkpoint is written to `output_dir` every `save_steps` steps, and the oldest are deleted "
         "beyond `save_total_limit` (0 keeps all). Validation loss is computed every `eval_steps` steps "
-        "on `eval_batches` micro-batches. Intervals larger than `max_steps` mean it happens only at "
-        "the end, if at all.",
+        "on `eval_batches` micro-batches. Both also happen at the last step, so intervals larger than "
+        "`max_steps` mean once, at the end.",
+    ),
+    (
+        "Fields a checkpoint fixes",
+        (
+            "vocab_size",
+            "d_model",
+            "n_heads",
+            "n_layers",
+            "d_ff",
+            "max_seq_len",
+            "bias",
+            "tie_embeddings",
+            "activation",
+            "tokenizer",
+            "dataset",
+            "val_fraction",
+        ),
+        "Resuming (`--resume_from_checkpoint`) requires these to equal the checkpoint's: they fix the "
+        "network's shape or its token ids. A mismatch stops with a `CheckpointError` naming each field. "
+        "Every other field (learning rate, batch settings, precision, `world_size`, ...) may change on "
+        "resume; the trainer prints which did.",
+    ),
+    (
+        "Compilation",
+        ("compile",),
+        "`compile: true` compiles the model with `torch.compile` after any checkpoint is loaded. The "
+        "first steps are slow while it compiles, so early `tokens_per_s` readings understate the speed. "
+        "Checkpoints are saved from the uncompiled module and load either way.",
     ),
     (
         "Stated parameter estimate",
