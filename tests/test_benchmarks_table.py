@@ -133,3 +133,46 @@ def test_measured_estimates_are_current(make_table):
                 make_table.derived(record, r)["estimated"]
                 == estimate_training_memory(c, device_type=device_type).peak_bytes
             )
+
+
+def test_gpu_records_render_with_datasheet_mfu_and_allocator_numbers(make_table):
+    """The GPU path cannot run here; its rendering can: a saved H100 record shows MFU against the datasheet."""
+    record = {
+        "machine": {
+            "python": "3.11",
+            "torch": "2.x",
+            "date": "2026-01-01",
+            "os": "Linux",
+            "cpu": "x",
+            "cpu_count": 16,
+            "torch_threads": 16,
+            "device": "NVIDIA H100 80GB HBM3",
+            "device_memory_gib": 79.1,
+            "cuda": "12.4",
+        },
+        "device": "cuda",
+        "results": [
+            {
+                "label": "small, as shipped",
+                "config": "small",
+                "overrides": {},
+                "command": "python train.py --config configs/training/small_model.json --max_steps 12",
+                "precision": "bf16",
+                "timed_steps": 3,
+                "tokens_per_s": [500_000.0, 510_000.0, 490_000.0],
+                "matmul_peak_flops": 700e12,
+                "peak_bytes_measured": 6 * 2**30,
+                "memory_method": "torch.cuda.max_memory_allocated",
+                "trainer_max_memory_allocated": 6 * 2**30,
+                "max_memory_reserved": 7 * 2**30,
+            }
+        ],
+    }
+    text = make_table.render_measured(record)
+    cfg = shipped("small")
+    expected_mfu = 500_000.0 * flops_per_token(cfg) / 989.4e12
+    assert f"{expected_mfu:.1%} of H100 SXM datasheet" in text
+    assert "7.000 GiB" in text  # max_memory_reserved
+    page = make_table.render([record])
+    assert "No GPU measurement is saved yet" not in page
+    assert make_table.computed_section(page) == make_table.render_computed()
