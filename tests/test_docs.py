@@ -181,6 +181,9 @@ def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
         "MPLBACKEND": "Agg",
         "PYTHONHASHSEED": "0",
         "PYTHONUNBUFFERED": "1",
+        # One thread per process: on a shared or busy machine, OpenMP threads that wait for each
+        # other make small CPU ops many times slower. Commands run as written either way.
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
     if block.lang in ("python", "py"):
         script = cwd / f"_docs_block_{block.line}.py"
