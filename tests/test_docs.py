@@ -34,7 +34,18 @@ DOCS = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 CODE_LANGS = {"bash", "sh", "shell", "console", "python", "py"}
 DEFAULT_TIMEOUT = 120
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", "outputs", "__pycache__", ".ipynb_checkpoints", "*.egg-info", ".pytest_cache", ".ruff_cache", "build"
+    ".git",
+    "outputs",
+    "__pycache__",
+    ".ipynb_checkpoints",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    "build",
+    ".venv",
+    "venv",
+    "student",
+    "submissions",
 )
 
 MARKER = re.compile(r"^<!--\s*(runnable|slow|fragment)\s*(.*?)\s*-->$")
