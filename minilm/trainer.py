@@ -404,7 +404,8 @@ class Trainer:
             sync = nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
             with sync:
                 with self.autocast:
-                    _, loss = self.model(x, y)
+                    # Keep only the loss: holding the (B, T, V) logits through backward costs B·T·V·e bytes.
+                    loss = self.model(x, y)[1]
                 self.scaler.scale(loss / k).backward()
             total += loss.detach().float()
         return total / k
