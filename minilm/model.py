@@ -1,9 +1,9 @@
 """The GPT model: token + position embeddings, a stack of blocks, a final norm, an LM head.
 
-    >>> from minilm import Config, GPT
-    >>> model = GPT(Config(vocab_size=65, d_model=64, n_heads=4, n_layers=2, max_seq_len=128))
-    >>> logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
-    >>> out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40)
+>>> from minilm import Config, GPT
+>>> model = GPT(Config(vocab_size=65, d_model=64, n_heads=4, n_layers=2, max_seq_len=128))
+>>> logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
+>>> out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40)
 """
 
 from __future__ import annotations
