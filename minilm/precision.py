@@ -18,6 +18,10 @@ The rules (:func:`autocast_dtype`):
 - ``fp16: true`` on a GPU: float16.
 - neither: None (fp32).
 
+``cpu_bf16=True`` overrides the CPU check and runs bf16 autocast on any CPU (emulated where
+not native: slower, but the same numbers). Lessons and tests use it so that every machine
+shows the same bf16 results; ``cpu_bf16=False`` keeps a CPU in fp32.
+
 Parameters, gradients and optimizer state stay fp32 under autocast; only the matmuls (and
 the activations they produce) drop to 16 bits.
 """
@@ -59,14 +63,19 @@ def _device_type(device: torch.device | str) -> str:
     return torch.device(device).type
 
 
-def autocast_dtype(cfg: Config, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for ``cfg`` on ``device``: bf16, fp16, or None for plain fp32 (rules above)."""
+def autocast_dtype(cfg: Config, device: torch.device | str, cpu_bf16: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``cfg`` on ``device``: bf16, fp16, or None for plain fp32 (rules above).
+
+    ``cpu_bf16``: on a CPU, None asks :func:`cpu_supports_bf16`; True runs bf16 autocast
+    anyway (emulated if need be); False runs fp32. It has no effect on other devices.
+    """
     kind = _device_type(device)
     wanted = cfg.bf16 or cfg.fp16
     if not wanted:
         return None
     if kind == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else None
+        native = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if native else None
     if kind == "cuda":
         if cfg.fp16:
             return torch.float16
@@ -81,16 +90,20 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> c
     return torch.autocast(device_type=_device_type(device), dtype=dtype)
 
 
-def describe_precision(cfg: Config, device: torch.device | str) -> str:
+def describe_precision(cfg: Config, device: torch.device | str, cpu_bf16: bool | None = None) -> str:
     """One line for the log: what runs, and why (e.g. a bf16 request on a CPU without bf16)."""
-    dtype = autocast_dtype(cfg, device)
+    dtype = autocast_dtype(cfg, device, cpu_bf16)
     kind = _device_type(device)
     asked = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
     if dtype is None:
         if asked == "fp32":
             return "fp32"
+        if cpu_bf16 is False:
+            return f"fp32 ({asked} requested, but cpu_bf16=False keeps this CPU in fp32)"
         return f"fp32 ({asked} requested, but this CPU has no native bf16 matmul: fp32 is faster here)"
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    emulated = " (emulated: this CPU has no native bf16, so it is slower than fp32)"
+    note = emulated if kind == "cpu" and cpu_bf16 and not cpu_supports_bf16() else ""
     if name != asked:
-        return f"{name} autocast ({asked} requested; {kind} runs {name})"
-    return f"{name} autocast"
+        return f"{name} autocast ({asked} requested; {kind} runs {name}){note}"
+    return f"{name} autocast{note}"

@@ -133,7 +133,9 @@ def make_optimizer(model: nn.Module, cfg: Config, device: torch.device, verbose:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def precision(cfg: Config, device: torch.device) -> tuple[AbstractContextManager, torch.amp.GradScaler, str]:
+def precision(
+    cfg: Config, device: torch.device, cpu_bf16: bool | None = None
+) -> tuple[AbstractContextManager, torch.amp.GradScaler, str]:
     """The precision switch: (context to run forward passes in, gradient scaler, description).
 
     fp32: ``nullcontext()``; bf16 / fp16: ``torch.autocast`` (:mod:`minilm.precision` picks the
@@ -141,9 +143,9 @@ def precision(cfg: Config, device: torch.device) -> tuple[AbstractContextManager
     so small fp16 gradients do not underflow, and skips steps whose gradients overflowed; it
     is a pass-through for anything but fp16.
     """
-    dtype = autocast_dtype(cfg, device)
+    dtype = autocast_dtype(cfg, device, cpu_bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    name = describe_precision(cfg, device) + (" + gradient scaler" if scaler.is_enabled() else "")
+    name = describe_precision(cfg, device, cpu_bf16) + (" + gradient scaler" if scaler.is_enabled() else "")
     return autocast_context(device, dtype), scaler, name
 
 
@@ -266,6 +268,9 @@ class Trainer:
         cache_dir: where tokenized data is cached (default ``~/.cache/minilm``).
         handle_signals: on SIGINT/SIGTERM finish the step, save a checkpoint and stop.
         sample_tokens: tokens to generate at the end (0: no sample).
+        cpu_bf16: on a CPU with ``bf16``/``fp16`` set: None runs bf16 autocast only where the CPU
+            multiplies bf16 natively (else fp32, which is faster there); True runs it on any CPU
+            (emulated: slower, same numbers everywhere); False keeps fp32. See :mod:`minilm.precision`.
     """
 
     def __init__(
@@ -279,6 +284,7 @@ class Trainer:
         cache_dir: str | Path | None = None,
         handle_signals: bool = True,
         sample_tokens: int = 300,
+        cpu_bf16: bool | None = None,
     ):
         self.cfg = cfg
         self.device = dist_utils.local_device(cfg.device)
@@ -322,9 +328,9 @@ class Trainer:
         # rank 0's, is then the state of every rank, which keeps a DDP resume exact.)
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(cfg).to(self.device)  # the plain module: its state dict is what we save
-        self.autocast, self.scaler, self.precision_name = precision(cfg, self.device)
+        self.autocast, self.scaler, self.precision_name = precision(cfg, self.device, cpu_bf16)
         self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
-        self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device))
+        self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device, cpu_bf16))
         self._print_header()
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device, verbose=self.verbose)
         self.step = 0  # optimizer steps taken

@@ -55,3 +55,23 @@ def test_rejects_bad_shapes():
         CausalSelfAttention(30, 4)
     with pytest.raises(ValueError, match="impl"):
         CausalSelfAttention(32, 4, impl="flash")
+
+
+def test_sdpa_under_cpu_autocast_runs_the_kernel_in_fp32(monkeypatch):
+    """On CPU under bf16 autocast the fused kernel gets fp32 inputs (faster there), and hands back bf16."""
+    manual, fast = pair(32, 4)
+    x = torch.randn(2, 9, 32)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast, y_manual = fast(x), manual(x)
+    assert seen == [(torch.float32, False)]
+    assert y_fast.dtype == y_manual.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fast.float(), y_manual.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y_fast.float(), manual(x), rtol=2e-2, atol=2e-2)  # and near full fp32

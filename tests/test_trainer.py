@@ -157,7 +157,8 @@ def test_accumulation_equals_one_big_batch(corpus, tmp_path):
 
 def test_bf16_autocast_run(corpus, tmp_path):
     fp32 = run(micro(corpus, tmp_path / "fp32", dropout=0.0)).train()
-    trainer = run(micro(corpus, tmp_path / "bf16", dropout=0.0, bf16=True))
+    # cpu_bf16=True: bf16 autocast even where this CPU would emulate it (it would then pick fp32)
+    trainer = run(micro(corpus, tmp_path / "bf16", dropout=0.0, bf16=True), cpu_bf16=True)
     seen = []
     trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.train()
@@ -167,6 +168,24 @@ def test_bf16_autocast_run(corpus, tmp_path):
     bf, fp = train_losses(result), train_losses(fp32)
     assert bf[8] < bf[1]
     assert all(abs(bf[s] - fp[s]) < 0.05 for s in fp)  # the loss curve tracks fp32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_follows_native_support(corpus, tmp_path, monkeypatch, native):
+    """Left to itself, the trainer runs bf16 on a CPU only where the CPU multiplies bf16 natively."""
+    import minilm.precision
+
+    monkeypatch.setattr(minilm.precision, "cpu_supports_bf16", lambda: native)
+    trainer = run(micro(corpus, tmp_path, bf16=True, max_steps=1, warmup_steps=1))
+    seen = []
+    trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer.train()
+    assert set(seen) == ({torch.bfloat16} if native else {torch.float32})
+    assert trainer.precision_name == (
+        "bf16 autocast"
+        if native
+        else "fp32 (bf16 requested, but this CPU has no native bf16 matmul: fp32 is faster here)"
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
@@ -243,7 +262,7 @@ def test_fp16_autocast_with_gradient_scaler(corpus, tmp_path, monkeypatch):
     """
     import minilm.trainer
 
-    monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device: torch.float16)
+    monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
     trainer = run(micro(corpus, tmp_path, fp16=True, dropout=0.0))
     assert trainer.scaler.is_enabled() and "gradient scaler" in trainer.precision_name
     seen = []
