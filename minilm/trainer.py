@@ -270,7 +270,7 @@ class Trainer:
         sample_tokens: tokens to generate at the end (0: no sample).
         cpu_bf16: on a CPU with ``bf16``/``fp16`` set: None runs bf16 autocast only where the CPU
             multiplies bf16 natively (else fp32, which is faster there); True runs it on any CPU
-            (emulated: slower, same numbers everywhere); False keeps fp32. See :mod:`minilm.precision`.
+            (emulated where not native: several times slower); False keeps fp32. See :mod:`minilm.precision`.
     """
 
     def __init__(

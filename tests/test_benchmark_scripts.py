@@ -28,7 +28,22 @@ def restore_threads():
 
 def test_train_throughput_reports_ratios_and_loss_curves(tmp_path, capsys):
     bench = load("train_throughput")
-    argv = ["--configs", "tiny", "--batch", "2", "--seq", "16", "--threads", "1", "--rounds", "1", "--steps", "1"]
+    argv = [
+        "--configs",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--threads",
+        "1",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--peak-size",
+        "128",
+    ]
     results = bench.main([*argv, "--curve-steps", "3", "--cache-dir", str(tmp_path)])
     tiny = results["tiny"]
     ours, hf = tiny["first_loss"]
