@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from minilm.config import FIELDS, _describe_allowed, field_nullable, field_type  # noqa: E402
+from minilm.trainer import SHAPE_FIELDS  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "config-reference.md"
 
@@ -157,20 +158,7 @@ INTERACTIONS: list[tuple[str, tuple[str, ...], str]] = [
     ),
     (
         "Fields a checkpoint fixes",
-        (
-            "vocab_size",
-            "d_model",
-            "n_heads",
-            "n_layers",
-            "d_ff",
-            "max_seq_len",
-            "bias",
-            "tie_embeddings",
-            "activation",
-            "tokenizer",
-            "dataset",
-            "val_fraction",
-        ),
+        SHAPE_FIELDS,
         "Resuming (`--resume_from_checkpoint`) requires these to equal the checkpoint's: they fix the "
         "network's shape or its token ids. A mismatch stops with a `CheckpointError` naming each field. "
         "Every other field (learning rate, batch settings, precision, `world_size`, ...) may change on "

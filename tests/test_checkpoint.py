@@ -27,18 +27,11 @@ from minilm.checkpoint import (
 )
 from minilm.tokenizer import CharTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CFG = Config(vocab_size=40, d_model=32, n_heads=2, n_layers=2, max_seq_len=16, tokenizer="char")
 TOKENIZER = CharTokenizer("\n !,.:;?abcdefghijklmnopqrstuvwxyzABCDE")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models gain nothing from more threads, and on a busy machine idle-spinning threads cost seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def save(out: Path, step: int, model: torch.nn.Module | None = None, limit: int = 0) -> Path:

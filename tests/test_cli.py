@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from minilm import Config
 from minilm.checkpoint import list_checkpoints, load_checkpoint
 from minilm.cli import main, resolve_train_args
-from minilm.data import load_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,43 +37,16 @@ def script_args(command: str) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models gain nothing from more threads, and on a busy machine idle-spinning threads cost seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
 def in_repo_root(monkeypatch, tmp_path_factory):
     monkeypatch.chdir(ROOT)  # the design's relative config paths
     monkeypatch.setenv("MINILM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="module")
-def micro_config(tmp_path_factory):
+def micro(tmp_path_factory, micro_config):
+    """A micro config saved as JSON: (path, config)."""
     tmp = tmp_path_factory.mktemp("cli")
-    corpus = tmp / "micro.txt"
-    corpus.write_text(load_text("shakespeare")[:40_000])
-    cfg = Config(
-        vocab_size=72,
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        max_seq_len=16,
-        dataset=str(corpus),
-        tokenizer="char",
-        learning_rate=3e-3,
-        batch_size=4,
-        max_steps=4,
-        warmup_steps=1,
-        eval_steps=2,
-        save_steps=2,
-        eval_batches=2,
-        device="cpu",
-        output_dir=str(tmp / "out"),
-    )
+    cfg = micro_config(tmp / "out", max_steps=4, warmup_steps=1, eval_steps=2, save_steps=2)
     path = tmp / "micro.json"
     cfg.save(path)
     return path, cfg
@@ -121,14 +94,14 @@ def test_config_required(capsys):
     assert exc.value.code == 2 and "--config is required" in capsys.readouterr().err
 
 
-def test_world_size_without_torchrun_is_a_clear_error(micro_config, capsys, monkeypatch):
+def test_world_size_without_torchrun_is_a_clear_error(micro, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(["--config", str(micro_config[0]), "--world_size", "2"]) == 2
+    assert main(["--config", str(micro[0]), "--world_size", "2"]) == 2
     assert "torchrun --nproc_per_node=2" in capsys.readouterr().err
 
 
-def test_train_then_sample_then_resume(micro_config, capsys):
-    path, cfg = micro_config
+def test_train_then_sample_then_resume(micro, capsys):
+    path, cfg = micro
     assert main(["train", "--config", str(path), "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "non-embedding" in out and "unigram baseline" in out and "sample:" in out
@@ -148,10 +121,10 @@ def test_train_then_sample_then_resume(micro_config, capsys):
     assert load_checkpoint(Path(cfg.output_dir) / "checkpoint-6").config.max_steps == 6
 
 
-def test_sample_errors(micro_config, capsys, tmp_path):
+def test_sample_errors(micro, capsys, tmp_path):
     assert main(["sample", "--checkpoint", str(tmp_path / "checkpoint-7")]) == 1
     assert "checkpoint-7: no such checkpoint" in capsys.readouterr().err
-    path, cfg = micro_config
+    path, cfg = micro
     main(["train", "--config", str(path), "--no_progress", "--output_dir", str(tmp_path / "run"), "--max_steps", "2"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -159,9 +132,9 @@ def test_sample_errors(micro_config, capsys, tmp_path):
     assert exc.value.code == 2 and "--prompt: character '日'" in capsys.readouterr().err
 
 
-def test_sigint_saves_a_checkpoint_and_the_run_resumes(micro_config, tmp_path):
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(micro, tmp_path):
     """`python train.py ...` interrupted with Ctrl-C (SIGINT) saves, exits 130, and resumes."""
-    path, _ = micro_config
+    path, _ = micro
     out = tmp_path / "run"
     args = ["--config", str(path), "--output_dir", str(out), "--max_steps", "100000"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -187,10 +160,10 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(micro_config, tmp_path):
     assert list_checkpoints(out)[-1].name == f"checkpoint-{step + 2}"
 
 
-def test_missing_resume_checkpoint_is_a_clear_error(micro_config, capsys, tmp_path):
+def test_missing_resume_checkpoint_is_a_clear_error(micro, capsys, tmp_path):
     assert main(["--resume_from_checkpoint", str(tmp_path / "checkpoint-10000")]) == 1
     assert "checkpoint-10000: no such checkpoint" in capsys.readouterr().err
-    assert main(["--config", str(micro_config[0]), "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")]) == 1
+    assert main(["--config", str(micro[0]), "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")]) == 1
     assert "checkpoint-3: no such checkpoint" in capsys.readouterr().err
 
 

@@ -11,11 +11,12 @@ import torch
 
 from minilm import Config
 from minilm.config import ConfigError
-from minilm.data import load_text
 from minilm.distributed import check_world_size
 from minilm.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # One torchrun launch does both checks. Each rank first computes the gradients of one step
 # (2 micro-batches, so DDP's no_sync runs too) and saves its batches and its all-reduced
@@ -36,40 +37,19 @@ sys.exit(main(["--config", config, "--world_size", "2", "--output_dir", f"{out}/
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models gain nothing from more threads, and on a busy machine idle-spinning threads cost seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A micro config on a slice of Shakespeare, and an environment for child processes."""
+def setup(tmp_path_factory, micro_config):
+    """A micro config, and an environment for child processes."""
     tmp = tmp_path_factory.mktemp("ddp")
-    corpus = tmp / "micro.txt"
-    corpus.write_text(load_text("shakespeare")[:40_000])
-    cfg = Config(
-        vocab_size=72,
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        max_seq_len=16,
+    cfg = micro_config(
+        tmp / "single",
         dropout=0.0,
-        dataset=str(corpus),
-        tokenizer="char",
-        learning_rate=3e-3,
         batch_size=2,
         grad_accumulation_steps=2,
         max_steps=4,
         warmup_steps=1,
         eval_steps=2,
         save_steps=2,
-        eval_batches=2,
-        device="cpu",
-        output_dir=str(tmp / "single"),
     )
     cfg_path = tmp / "micro.json"
     cfg.save(cfg_path)

@@ -14,12 +14,13 @@ large part of the peak at batch 4 x 256, not a rounding error next to the weight
 import itertools
 
 import pytest
-import torch
 
 from minilm.config import Config
 from minilm.counting import count_parameters
 from minilm.measure import measure_training_step, measure_with_memtracker
 from minilm.memory import GB, NOT_COUNTED, estimate_training_memory, layer_activations
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = 0.10
 
@@ -29,15 +30,6 @@ SHAPES = {
     "d192-L2-V2048": dict(vocab_size=2048, d_model=192, n_heads=6, n_layers=2),
 }
 GRID = list(itertools.product([1, 4], [64, 256], [False, True], [False, True]))  # batch, seq, ckpt, bf16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: one thread is many times faster than two when other processes share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def compare(cfg: Config, **kw) -> tuple[float, float, int, int]:

@@ -13,24 +13,9 @@ import torch
 
 from minilm import Config
 from minilm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from minilm.data import load_text
 from minilm.trainer import NOT_CONVERGING_ADVICE, Trainer, lr_at, make_optimizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Micro models gain nothing from more threads, and on a busy machine idle-spinning threads cost seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "micro.txt"
-    path.write_text(load_text("shakespeare")[:40_000])
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -38,28 +23,11 @@ def data_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MINILM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def micro(corpus, out, **changes) -> Config:
-    base = dict(
-        vocab_size=72,
-        d_model=32,
-        n_heads=2,
-        n_layers=2,
-        max_seq_len=16,
-        dropout=0.1,
-        dataset=str(corpus),
-        tokenizer="char",
-        learning_rate=3e-3,
-        batch_size=4,
-        max_steps=8,
-        warmup_steps=2,
-        eval_steps=4,
-        save_steps=4,
-        eval_batches=2,
-        save_total_limit=0,
-        device="cpu",
-        output_dir=str(out),
-    )
-    return Config(**{**base, **changes})
+@pytest.fixture
+def micro(micro_config):
+    """``micro(output_dir, **changes)``: the shared micro config (conftest.py) on this file's schedule."""
+    schedule = dict(dropout=0.1, max_steps=8, warmup_steps=2, eval_steps=4, save_steps=4, save_total_limit=0)
+    return lambda out, **changes: micro_config(out, **{**schedule, **changes})
 
 
 def run(cfg, **kwargs):
@@ -87,11 +55,11 @@ def test_schedule_shape():
     assert lr_at(0, cfg.replace(warmup_steps=0)) == pytest.approx(1e-3)
 
 
-def test_weight_decay_groups(corpus, tmp_path, capsys):
+def test_weight_decay_groups(micro, tmp_path, capsys):
     from minilm.counting import decay_split
     from minilm.model import GPT
 
-    cfg = micro(corpus, tmp_path)
+    cfg = micro(tmp_path)
     opt = make_optimizer(GPT(cfg), cfg, torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == cfg.weight_decay and plain["weight_decay"] == 0.0
@@ -101,20 +69,20 @@ def test_weight_decay_groups(corpus, tmp_path, capsys):
     assert f"({counts[0]:,} parameters)" in capsys.readouterr().out
 
 
-def test_exact_resume_bit_for_bit(corpus, tmp_path):
+def test_exact_resume_bit_for_bit(micro, tmp_path):
     """Interrupted at step 5 and resumed (from checkpoint-4 or -5) == uninterrupted, bit for bit."""
-    full = run(micro(corpus, tmp_path / "full")).train()
+    full = run(micro(tmp_path / "full")).train()
     assert full.status == "completed" and full.step == 8
     expected = train_losses(full)
 
-    stopper = run(micro(corpus, tmp_path / "cut"))
+    stopper = run(micro(tmp_path / "cut"))
     stopper.add_callback("on_step_end", lambda tr, rec: rec["step"] == 5 and tr.request_stop("test"))
     cut = stopper.train()
     assert cut.status == "interrupted" and cut.step == 5 and cut.checkpoint.name == "checkpoint-5"
     assert train_losses(cut) == {s: expected[s] for s in range(1, 6)}
 
     for start in (5, 4):
-        resumed = run(micro(corpus, tmp_path / "cut"), resume_from_checkpoint=tmp_path / "cut" / f"checkpoint-{start}")
+        resumed = run(micro(tmp_path / "cut"), resume_from_checkpoint=tmp_path / "cut" / f"checkpoint-{start}")
         assert resumed.step == start
         result = resumed.train()
         assert train_losses(result) == expected  # history continues; floats compared exactly
@@ -126,9 +94,9 @@ def test_exact_resume_bit_for_bit(corpus, tmp_path):
     assert len(lines) == 8 + 2  # steps 6..8 replaced, not appended twice: 8 train + 2 eval records
 
 
-def test_gradient_checkpointing_same_gradients(corpus, tmp_path):
-    a = run(micro(corpus, tmp_path / "a"))
-    b = run(micro(corpus, tmp_path / "b", gradient_checkpointing=True))
+def test_gradient_checkpointing_same_gradients(micro, tmp_path):
+    a = run(micro(tmp_path / "a"))
+    b = run(micro(tmp_path / "b", gradient_checkpointing=True))
     assert b.raw_model.gradient_checkpointing and not a.raw_model.gradient_checkpointing
     batches = a.next_micro_batches()
     torch.manual_seed(0)  # same dropout masks in both (checkpointing replays the RNG on recompute)
@@ -141,10 +109,10 @@ def test_gradient_checkpointing_same_gradients(corpus, tmp_path):
         torch.testing.assert_close(gb[name], ga[name], rtol=0, atol=0, msg=name)
 
 
-def test_accumulation_equals_one_big_batch(corpus, tmp_path):
+def test_accumulation_equals_one_big_batch(micro, tmp_path):
     """4 micro-batches of 2 sequences == 1 batch of 8: same sequences, same gradient."""
-    acc = run(micro(corpus, tmp_path / "acc", dropout=0.0, batch_size=2, grad_accumulation_steps=4))
-    big = run(micro(corpus, tmp_path / "big", dropout=0.0, batch_size=8, grad_accumulation_steps=1))
+    acc = run(micro(tmp_path / "acc", dropout=0.0, batch_size=2, grad_accumulation_steps=4))
+    big = run(micro(tmp_path / "big", dropout=0.0, batch_size=8, grad_accumulation_steps=1))
     micro_batches, (one,) = acc.next_micro_batches(), big.next_micro_batches()
     assert len(micro_batches) == 4
     assert torch.equal(torch.cat([x for x, _ in micro_batches]), one[0])
@@ -155,10 +123,10 @@ def test_accumulation_equals_one_big_batch(corpus, tmp_path):
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_autocast_run(corpus, tmp_path):
-    fp32 = run(micro(corpus, tmp_path / "fp32", dropout=0.0)).train()
+def test_bf16_autocast_run(micro, tmp_path):
+    fp32 = run(micro(tmp_path / "fp32", dropout=0.0)).train()
     # cpu_bf16=True: bf16 autocast even where this CPU would emulate it (it would then pick fp32)
-    trainer = run(micro(corpus, tmp_path / "bf16", dropout=0.0, bf16=True), cpu_bf16=True)
+    trainer = run(micro(tmp_path / "bf16", dropout=0.0, bf16=True), cpu_bf16=True)
     seen = []
     trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.train()
@@ -171,12 +139,12 @@ def test_bf16_autocast_run(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_bf16_on_a_cpu_follows_native_support(corpus, tmp_path, monkeypatch, native):
+def test_bf16_on_a_cpu_follows_native_support(micro, tmp_path, monkeypatch, native):
     """Left to itself, the trainer runs bf16 on a CPU only where the CPU multiplies bf16 natively."""
     import minilm.precision
 
     monkeypatch.setattr(minilm.precision, "cpu_supports_bf16", lambda: native)
-    trainer = run(micro(corpus, tmp_path, bf16=True, max_steps=1, warmup_steps=1))
+    trainer = run(micro(tmp_path, bf16=True, max_steps=1, warmup_steps=1))
     seen = []
     trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     trainer.train()
@@ -188,8 +156,8 @@ def test_bf16_on_a_cpu_follows_native_support(corpus, tmp_path, monkeypatch, nat
     )
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys):
-    cfg = micro(corpus, tmp_path, save_steps=2, max_steps=10)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro, tmp_path, capsys):
+    cfg = micro(tmp_path, save_steps=2, max_steps=10)
     trainer = Trainer(cfg, progress=False, sample_tokens=0)
 
     def poison(tr, rec):  # after step 5 (not a save step), break the weights
@@ -209,8 +177,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_a_checkpoint_and_stops(corpus, tmp_path, sig):
-    trainer = run(micro(corpus, tmp_path, max_steps=50))
+def test_signal_saves_a_checkpoint_and_stops(micro, tmp_path, sig):
+    trainer = run(micro(tmp_path, max_steps=50))
     trainer.add_callback("on_step_end", lambda tr, rec: rec["step"] == 3 and os.kill(os.getpid(), sig))
     result = trainer.train()
     assert result.status == "interrupted" and result.step == 3
@@ -218,10 +186,10 @@ def test_signal_saves_a_checkpoint_and_stops(corpus, tmp_path, sig):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
-def test_keyboard_interrupt_mid_step_saves_the_last_step_boundary(corpus, tmp_path):
+def test_keyboard_interrupt_mid_step_saves_the_last_step_boundary(micro, tmp_path):
     """A KeyboardInterrupt in the middle of a step (a notebook's stop button) saves the state before it."""
-    full = run(micro(corpus, tmp_path / "full")).train()
-    trainer = run(micro(corpus, tmp_path / "kb"), handle_signals=False)
+    full = run(micro(tmp_path / "full")).train()
+    trainer = run(micro(tmp_path / "kb"), handle_signals=False)
     original = trainer.compute_gradients
 
     def interrupted(batches):
@@ -232,14 +200,14 @@ def test_keyboard_interrupt_mid_step_saves_the_last_step_boundary(corpus, tmp_pa
 
     trainer.compute_gradients = interrupted
     assert trainer.train().status == "interrupted"
-    resumed = run(micro(corpus, tmp_path / "kb"), resume_from_checkpoint=tmp_path / "kb" / "checkpoint-3")
+    resumed = run(micro(tmp_path / "kb"), resume_from_checkpoint=tmp_path / "kb" / "checkpoint-3")
     assert train_losses(resumed.train()) == train_losses(full)
 
 
-def test_metrics_callbacks_and_sample(corpus, tmp_path):
+def test_metrics_callbacks_and_sample(micro, tmp_path):
     events = []
     trainer = Trainer(
-        micro(corpus, tmp_path, max_steps=4, eval_steps=2),
+        micro(tmp_path, max_steps=4, eval_steps=2),
         progress=False,
         verbose=False,
         sample_tokens=20,
@@ -255,7 +223,7 @@ def test_metrics_callbacks_and_sample(corpus, tmp_path):
     assert kinds == ["trai", "trai", "eval", "trai", "trai", "eval"]
 
 
-def test_fp16_autocast_with_gradient_scaler(corpus, tmp_path, monkeypatch):
+def test_fp16_autocast_with_gradient_scaler(micro, tmp_path, monkeypatch):
     """The fp16 path (autocast float16 + GradScaler) as a GPU runs it; torch's CPU autocast supports fp16 too.
 
     minilm.precision runs bf16 for fp16 on a CPU (faster, no scaler needed), so force float16 here.
@@ -263,7 +231,7 @@ def test_fp16_autocast_with_gradient_scaler(corpus, tmp_path, monkeypatch):
     import minilm.trainer
 
     monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
-    trainer = run(micro(corpus, tmp_path, fp16=True, dropout=0.0))
+    trainer = run(micro(tmp_path, fp16=True, dropout=0.0))
     assert trainer.scaler.is_enabled() and "gradient scaler" in trainer.precision_name
     seen = []
     trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -274,7 +242,7 @@ def test_fp16_autocast_with_gradient_scaler(corpus, tmp_path, monkeypatch):
     assert scale == trainer.scaler.get_scale() > 0  # the scaler's state travels with the checkpoint
 
 
-def test_compile_option_saves_plain_keys(corpus, tmp_path, monkeypatch):
+def test_compile_option_saves_plain_keys(micro, tmp_path, monkeypatch):
     """compile=True trains the torch.compile'd model; checkpoints still hold the plain keys (no _orig_mod.)."""
     import functools
 
@@ -282,7 +250,7 @@ def test_compile_option_saves_plain_keys(corpus, tmp_path, monkeypatch):
 
     # The 'eager' backend runs the captured graph without generating C++: the wiring, in seconds.
     monkeypatch.setattr(minilm.trainer.torch, "compile", functools.partial(torch.compile, backend="eager"))
-    trainer = run(micro(corpus, tmp_path, compile=True, max_steps=4))
+    trainer = run(micro(tmp_path, compile=True, max_steps=4))
     assert trainer.model is not trainer.raw_model and hasattr(trainer.model, "_orig_mod")
     result = trainer.train()
     keys = load_checkpoint(result.checkpoint).model_state.keys()
@@ -310,12 +278,12 @@ def test_gpu_names_map_to_datasheet_peaks(gpu, name):
     assert datasheet_name(gpu) == name
 
 
-def test_mfu_is_reported_where_a_peak_is_known(corpus, tmp_path, monkeypatch, capsys):
+def test_mfu_is_reported_where_a_peak_is_known(micro, tmp_path, monkeypatch, capsys):
     """On a GPU the loop logs MFU each step; faked here with a 1 TFLOP/s 'device' on the CPU."""
     import minilm.trainer
 
     monkeypatch.setattr(minilm.trainer, "device_peak_flops", lambda device, dtype: (1e12, "test peak"))
-    trainer = Trainer(micro(corpus, tmp_path, max_steps=2), progress=False, sample_tokens=0)
+    trainer = Trainer(micro(tmp_path, max_steps=2), progress=False, sample_tokens=0)
     result = trainer.train()
     rec = result.history[0]
     assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * trainer.flops_per_token / 1e12)
