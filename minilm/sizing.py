@@ -70,8 +70,14 @@ class Hardware:
 
 
 def _on(cfg: Config, hw: Hardware) -> Config:
-    # The config as it would run on this machine: one DDP process per device.
-    return cfg if cfg.world_size == hw.n_devices else cfg.replace(world_size=hw.n_devices)
+    """The config as it would run on ``hw``: one DDP process per device, and bf16 as fp16 on
+    hardware without bf16 (V100, T4), as :func:`minilm.precision.autocast_dtype` runs it there."""
+    changes: dict = {}
+    if cfg.world_size != hw.n_devices:
+        changes["world_size"] = hw.n_devices
+    if cfg.bf16 and not _bf16_supported(hw):
+        changes.update(bf16=False, fp16=True)
+    return cfg.replace(**changes) if changes else cfg
 
 
 def peak_bytes(cfg: Config, hw: Hardware | None = None) -> int:
@@ -268,6 +274,7 @@ class FitPlan:
         else:
             verdict = "nothing tried fits: a bigger device or more devices are needed"
         note = f"usable per device: {usable:.2f} GiB of {self.hardware.memory_gb:g} GB. {verdict}"
+        note += "".join(f"\nnote: {n}" for n in self.notes)
         return _render(head, rows, fmt, note)
 
 
@@ -313,7 +320,7 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     model: the most layers that fit with the cheapest combination.
     """
     hw = hw if isinstance(hw, Hardware) else Hardware(memory_gb=float(hw))
-    cfg = _on(cfg, hw)
+    cfg_in, cfg = cfg, _on(cfg, hw)
     base_flops = flop_breakdown(cfg)
     base_hw_flops = base_flops.total + base_flops.checkpoint_recompute
 
@@ -345,6 +352,10 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     fitting = sorted((item for item in candidates if item[0].fits), key=cost)
     best = fitting[0][0] if fitting else None
     notes: list[str] = []
+    if cfg.fp16 and not cfg_in.fp16:
+        notes.append(
+            f"{hw.name or 'this device'} has no bf16: planned in fp16 with a gradient scaler, as the trainer runs it"
+        )
     considered = len(candidates)
     if best is None and allow_smaller_model:
         for n_layers in range(cfg.n_layers - 1, 0, -1):

@@ -158,3 +158,17 @@ def test_design_claims_table():
     table = design_claims_table()
     for label in ("124M", "355M", "1.3B", "8 GB", "16 GB", "24 GB"):
         assert label in table
+
+
+def test_bf16_config_on_a_gpu_without_bf16_is_planned_in_fp16():
+    """A T4 runs a bf16 config as fp16 (minilm.precision); sizing must price and plan it that way, not fail."""
+    cfg = shipped("small")
+    assert cfg.bf16
+    t4 = Hardware.from_accelerator("T4")
+    (option,) = size_options({"small": cfg}, t4)
+    assert option.config.fp16 and not option.config.bf16
+    assert option.tokens_per_second == pytest.approx(throughput(cfg.replace(bf16=False, fp16=True), t4))
+    plan = plan_to_fit(cfg, t4)
+    assert plan.original.config.fp16 and not plan.original.config.bf16
+    assert any("no bf16" in n for n in plan.notes) and "no bf16" in plan.table()
+    assert not any(n for n in plan_to_fit(cfg, Hardware.from_accelerator("A100 80GB")).notes)
