@@ -643,6 +643,9 @@ class Trainer:
         sample = None
         if status == "completed" and self.is_main and self.sample_tokens > 0:
             sample = self.sample(max_new_tokens=self.sample_tokens)
+        # The other ranks wait while rank 0 samples, so that none tears down the process group
+        # (Trainer.close) while another still works: under load that raced gloo's shutdown.
+        dist_utils.barrier(self.dist)
         result = TrainResult(
             status=status,
             step=self.step,
