@@ -195,6 +195,8 @@ def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
         # One thread per process: on a shared or busy machine, OpenMP threads that wait for each
         # other make small CPU ops many times slower. Commands run as written either way.
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        # `jupyter trust` writes its signature database here, not into the user's home.
+        "JUPYTER_DATA_DIR": str(cwd / ".jupyter-data"),
     }
     if block.lang in ("python", "py"):
         script = cwd / f"_docs_block_{block.line}.py"
