@@ -80,7 +80,9 @@ def autocast_dtype(cfg: Config, device: torch.device | str, cpu_bf16: bool | Non
     if kind == "cuda":
         if cfg.fp16:
             return torch.float16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: a V100 or T4 can hold bf16 tensors (the default check says
+        # True) but has no bf16 tensor cores; fp16 with a scaler is the fast, supported path there.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cfg.bf16 else torch.float16  # other accelerators: as asked
 
 

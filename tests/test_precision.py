@@ -51,7 +51,12 @@ def test_cpu_bf16_switch_overrides_the_hardware_check(native_bf16):
 
 @pytest.mark.parametrize("bf16_supported, expected", [(True, torch.bfloat16), (False, torch.float16)])
 def test_gpu_bf16_falls_back_to_fp16_on_older_gpus(monkeypatch, bf16_supported, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        # torch's default counts emulation: a T4 or V100 would pass it and run bf16 slowly.
+        assert including_emulation is False, "ask for native bf16, not emulated"
+        return bf16_supported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert autocast_dtype(BF16, "cuda") == expected
     assert autocast_dtype(BF16, "cuda", cpu_bf16=False) == expected  # the CPU switch leaves GPUs alone
     assert autocast_dtype(FP16, "cuda") == torch.float16
