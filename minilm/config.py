@@ -35,7 +35,9 @@ def _f(default: Any, group: str, help: str, **limits: Any) -> Any:
     """A dataclass field carrying its documentation and limits as metadata.
 
     Recognised limits: ``minimum`` / ``maximum`` (inclusive), ``exclusive_minimum``,
-    ``choices`` (allowed values) and ``widget_max`` (upper end of a notebook slider).
+    ``choices`` (allowed values), ``pattern`` (a regular expression a string must match in
+    full) with ``pattern_help`` (the same rule in words, for error messages and the docs),
+    and ``widget_max`` (upper end of a notebook slider).
     """
     return field(default=default, metadata={"group": group, "help": help, **limits})
 
@@ -128,7 +130,16 @@ class Config:
     num_workers: int = _f(0, "system", "Background data-loading workers.", minimum=0, widget_max=32)
     pin_memory: bool = _f(False, "system", "Page-locked host memory for faster host-to-GPU copies.")
     compile: bool = _f(False, "system", "Compile the model with torch.compile.")
-    device: str = _f("auto", "system", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = _f(
+        "auto",
+        "system",
+        "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
+        # Exactly what minilm.distributed.local_device resolves. Checked here so that a typo such as
+        # 'gpu' is a ConfigError naming the field when the config loads, not a torch RuntimeError at
+        # the start of training. torch itself rejects 'cuda:01', hence no leading zeros in N.
+        pattern=r"auto|cpu|cuda(:(0|[1-9][0-9]*))?",
+        pattern_help="one of 'auto', 'cpu', 'cuda', or 'cuda:N' with N a GPU index (0, 1, ...)",
+    )
     output_dir: str = _f("outputs", "system", "Where checkpoints, logs and the tokenizer are written.")
 
     def __post_init__(self) -> None:
@@ -182,6 +193,8 @@ def _describe_allowed(f: dataclasses.Field) -> str:
     parts = [kind]
     if "choices" in m:
         return "one of " + ", ".join(repr(c) for c in m["choices"])
+    if "pattern" in m:
+        return m["pattern_help"]
     if "minimum" in m and "maximum" in m:
         parts.append(f"from {m['minimum']} to {m['maximum']}")
     elif "minimum" in m:
@@ -213,6 +226,7 @@ def _check_field(name: str, value: Any) -> None:
         raise ConfigError(f"field '{name}' must be finite, got {value!r}")
     bad = (
         ("choices" in m and value not in m["choices"])
+        or ("pattern" in m and re.fullmatch(m["pattern"], value) is None)
         or ("minimum" in m and value < m["minimum"])
         or ("maximum" in m and value > m["maximum"])
         or ("exclusive_minimum" in m and value <= m["exclusive_minimum"])

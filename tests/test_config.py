@@ -1,6 +1,7 @@
 """Config loading: every kind of bad input gets one clear message naming the file and field."""
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -94,6 +95,30 @@ def test_non_positive_sizes_rejected(tmp_path, name):
 def test_choices_listed(tmp_path):
     with pytest.raises(ConfigError, match=r"field 'attention' must be one of 'sdpa', 'manual', got 'flash'"):
         load_config(write(tmp_path, {"attention": "flash"}))
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:12"])
+def test_device_accepts_what_local_device_resolves(device):
+    assert Config(device=device).device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:01", "cuda:-1", " cpu", "cuda0", "mps", ""])
+def test_device_rejected_names_the_field_and_the_forms(tmp_path, device):
+    # Caught on load (exit 2 from train.py), not later as a raw torch RuntimeError.
+    with pytest.raises(ConfigError, match=r"cfg\.json: field 'device' must be one of 'auto', 'cpu', 'cuda'.*'cuda:N'"):
+        load_config(write(tmp_path, {"device": device}))
+    path = ROOT / "configs" / "training" / "tiny_model.json"
+    with pytest.raises(ConfigError, match=rf"field 'device' must be .*, got {re.escape(repr(device))}$"):
+        load_config(path, overrides=parse_overrides(["--device", device]))
+
+
+def test_train_with_a_bad_device_exits_2_naming_the_field(capsys):
+    from minilm.cli import resolve_train_args
+
+    with pytest.raises(SystemExit) as exc:  # docs/troubleshooting.md: config errors exit 2, naming the field
+        resolve_train_args(["--config", str(ROOT / "configs" / "training" / "tiny_model.json"), "--device", "gpu"])
+    assert exc.value.code == 2
+    assert "field 'device' must be one of 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
 
 
 def test_heads_must_divide_d_model(tmp_path):
