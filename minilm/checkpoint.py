@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,7 @@ def save_checkpoint(
     config: Config,
     tokenizer: Any | None = None,
     save_total_limit: int = 0,
+    stale_steps: Collection[int] = (),
 ) -> Path:
     """Write ``output_dir/checkpoint-{step}`` atomically and return its path.
 
@@ -177,7 +179,8 @@ def save_checkpoint(
     ``training_state`` holds the optimizer / scaler state dicts, RNG states and sampler
     position, as tensors and plain Python values only. ``tokenizer`` needs a
     ``save(folder)`` method. ``save_total_limit`` > 0 then deletes the oldest
-    checkpoints so that at most that many remain.
+    checkpoints so that at most that many remain (see :func:`rotate_checkpoints`: the one
+    written now is never deleted, and the ``stale_steps`` of a replaced run go first).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +213,7 @@ def save_checkpoint(
         raise
     _remove_stale_temporaries(output_dir, keep=final)
     if save_total_limit > 0:
-        rotate_checkpoints(output_dir, save_total_limit)
+        rotate_checkpoints(output_dir, save_total_limit, newest=final, stale_steps=stale_steps)
     return final
 
 
@@ -240,10 +243,39 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def rotate_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints; returns the deleted paths."""
+def checkpoint_step(path: str | Path) -> int:
+    """N of a ``checkpoint-N`` folder."""
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path}: not a checkpoint-N folder name")
+    return int(m.group(1))
+
+
+def rotate_checkpoints(
+    output_dir: str | Path, keep: int, *, newest: Path | None = None, stale_steps: Collection[int] = ()
+) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints; returns the deleted paths.
+
+    "Newest" is by position in the run, which is usually the step number, with two exceptions:
+
+    - ``newest``, the checkpoint just written, is never deleted, even when others have higher
+      steps (a run restarted in the same folder: its latest save is the one to keep);
+    - ``stale_steps`` are ranked oldest, so they are deleted first. A run resumed from step S
+      passes the steps > S of the run it replaces: those checkpoints are not on the new run's
+      path (the trainer drops their metrics.jsonl records for the same reason), and keeping
+      one would make ``--resume_from_checkpoint latest`` jump back onto the old run.
+
+    Among the rest, lower steps are deleted first.
+    """
     found = list_checkpoints(output_dir)
-    doomed = found[: max(0, len(found) - keep)]
+    stale = set(stale_steps)
+
+    def age(p: Path) -> tuple[int, int]:  # sorts oldest first
+        step = checkpoint_step(p)
+        return (2 if p == newest else 0 if step in stale else 1, step)
+
+    ranked = sorted(found, key=age)
+    doomed = [p for p in ranked[: max(0, len(found) - keep)] if p != newest]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

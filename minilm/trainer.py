@@ -340,6 +340,7 @@ class Trainer:
         self._stop_reason: str | None = None
         self._in_update = False
         self._saved_step: int | None = None
+        self._stale_steps: set[int] = set()  # after a resume: checkpoints of the replaced run (see _resume)
         self._boundary: dict[str, Any] = {}
 
         if resume_from_checkpoint is not None:
@@ -479,6 +480,7 @@ class Trainer:
     def save_checkpoint(self, state: dict[str, Any] | None = None) -> Path | None:
         """Write ``output_dir/checkpoint-{step}`` (rank 0; other ranks wait) and return its path."""
         path = None
+        self._stale_steps.discard(self.step)  # written again now: part of this run
         if self.is_main:
             path = ckpt_io.save_checkpoint(
                 self.output_dir,
@@ -488,6 +490,7 @@ class Trainer:
                 config=self.cfg,
                 tokenizer=self.tokenizer,
                 save_total_limit=self.cfg.save_total_limit,
+                stale_steps=self._stale_steps,
             )
             self.last_checkpoint = path
             self._saved_step = self.step
@@ -519,6 +522,11 @@ class Trainer:
         self.tokens_seen = int(st["tokens_seen"])
         self.last_checkpoint = path
         self.history = self._truncate_metrics(self.step)
+        # Checkpoints past the resume step belong to the run being replaced, like the metrics above:
+        # rotation (save_total_limit) deletes them first, before any of this run's.
+        self._stale_steps = {
+            s for s in map(ckpt_io.checkpoint_step, ckpt_io.list_checkpoints(self.output_dir)) if s > self.step
+        }
         self.log(f"resumed from {path} at step {self.step}")
 
     def _truncate_metrics(self, step: int) -> list[dict]:

@@ -22,6 +22,7 @@ from minilm.checkpoint import (
     load_checkpoint,
     load_model,
     rng_state,
+    rotate_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
@@ -181,3 +182,19 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, step):
     # The next save clears the debris.
     save(out, 3)
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_rotation_never_deletes_the_checkpoint_just_saved(tmp_path):
+    for step in (10, 20, 30):
+        save(tmp_path, step)
+    save(tmp_path, 5, limit=1)  # a run restarted in the same folder: its save is the newest, not the lowest
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-5"]
+
+
+def test_rotation_deletes_a_replaced_runs_checkpoints_first(tmp_path):
+    for step in (2, 4, 6, 8):
+        save(tmp_path, step)
+    # Resumed from checkpoint-2: 4, 6 and 8 belong to the replaced run and rank oldest.
+    deleted = rotate_checkpoints(tmp_path, 2, newest=tmp_path / "checkpoint-2", stale_steps={4, 6, 8})
+    assert deleted == [tmp_path / f"checkpoint-{s}" for s in (4, 6)]
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-8"]

@@ -289,3 +289,18 @@ def test_mfu_is_reported_where_a_peak_is_known(micro, tmp_path, monkeypatch, cap
     assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * trainer.flops_per_token / 1e12)
     assert result.mfu == pytest.approx(result.tokens_per_s * trainer.flops_per_token / 1e12)
     assert "of the test peak" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limit, kept", [(1, [3]), (2, [2, 3])])
+def test_resume_rotation_keeps_the_new_checkpoint_and_drops_the_replaced_run(micro, tmp_path, limit, kept):
+    """Resumed from checkpoint-2 of a run that reached 8: checkpoints 4..8 belong to the replaced run, so
+    rotation deletes them first and never the checkpoint just written; `latest` is then the new one."""
+    run(micro(tmp_path, save_steps=2)).train()
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    resumed = run(
+        micro(tmp_path, save_steps=2, save_total_limit=limit), resume_from_checkpoint=tmp_path / "checkpoint-2"
+    )
+    resumed.add_callback("on_step_end", lambda tr, rec: rec["step"] == 3 and tr.request_stop("test"))
+    assert resumed.train().step == 3
+    assert list_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{s}" for s in kept]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
