@@ -19,6 +19,7 @@ import re
 import typing
 import warnings
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -260,12 +261,32 @@ def _divisors(n: int, limit: int) -> list[int]:
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 
 
-def parse_count(text: str) -> int:
-    """Parse a human parameter count: ``'124M'`` -> 124_000_000, ``'1.3B'`` -> 1_300_000_000."""
+def _count_parts(text: str) -> tuple[str, int]:
+    """The digits (without ',' and '_') and the suffix's multiplier of a human count."""
     m = re.fullmatch(r"\s*([0-9][0-9_,]*(?:\.[0-9]+)?)\s*([KMBGT]?)\s*", text.upper())
     if not m:
         raise ValueError(f"not a count like '124M', '1.3B' or '33936384': {text!r}")
-    return round(float(m.group(1).replace(",", "").replace("_", "")) * _SUFFIX[m.group(2)])
+    return m.group(1).replace(",", "").replace("_", ""), _SUFFIX[m.group(2)]
+
+
+def parse_count(text: str) -> int:
+    """Parse a human parameter count: ``'124M'`` -> 124_000_000, ``'1.3B'`` -> 1_300_000_000.
+
+    A fraction left over is rounded (``'1.2345K'`` -> 1234): right for a label such as
+    ``estimated_parameters``; :func:`count_value` gives the exact value instead.
+    """
+    digits, multiplier = _count_parts(text)
+    return round(float(digits) * multiplier)
+
+
+def count_value(text: str) -> Decimal:
+    """The exact value a human count spells, not rounded: ``'33.9M'`` -> 33900000, ``'2.5'`` -> 2.5.
+
+    Decimal, not float: ``float('33.9') * 10**6`` is 33899999.999999996, and a long fraction
+    such as ``'12.000000000000001'`` would vanish in a float.
+    """
+    digits, multiplier = _count_parts(text)
+    return Decimal(digits) * multiplier
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from minilm.config import Config, parse_count
+from minilm.config import Config, count_value
 from minilm.counting import count_parameters
 
 # ---------------------------------------------------------------------------------------
@@ -76,11 +76,22 @@ def _is_empty(answer: Any) -> bool:
 
 
 def parse_answer(answer: Any) -> float:
-    """A number from an int, float, numpy scalar or string ('33,936,384', '33_936_384', '34M')."""
+    """A number from an int, float, numpy scalar or string ('33,936,384', '33_936_384', '34M').
+
+    A string is read as exactly the number it spells, never rounded to a whole count: the text
+    '33936384.4' is then as wrong as the number 33936384.4 (the checker hints that a count is a
+    whole number). '33.9M' is 33,900,000, a whole number, and is checked as one.
+    """
     if isinstance(answer, bool):
         raise ValueError("a True/False is not a count")
     if isinstance(answer, str):
-        return float(parse_count(answer))
+        exact = count_value(answer)
+        value = float(exact)
+        if value.is_integer() and exact != exact.to_integral_value():
+            # A fraction too small for a float ('33936384.000000001'): it would read as the count itself.
+            # Not echoed back: the student's text starts with the expected count.
+            raise ValueError("it has digits after the decimal point, and a count is a whole number")
+        return value
     try:
         value = float(answer)
     except (TypeError, ValueError):

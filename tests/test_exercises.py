@@ -60,6 +60,29 @@ def test_known_mistakes_get_their_specific_hint():
     assert not fb.correct and "too high" in fb.message
 
 
+@pytest.mark.parametrize("sid", STUDENTS)
+def test_text_answers_are_not_rounded_to_a_whole_count(sid):
+    """'n.4' as text is wrong, as the number n + 0.4 is: a count is a whole number, not rounded to one."""
+    key = E.answer_key(sid)
+    for ex in E.for_student(sid):
+        n = key[ex.key]
+        for answer in (f"{n - 1}.6", f"{n}.4", f"{n:,}.5", f"{n}.000000001", n + 0.4):
+            fb = ex.check(answer)
+            assert not fb.correct and fb.answered, (ex.key, answer)
+            assert "whole number" in fb.message
+            assert_no_answer_in(fb.message, n)
+        assert ex.check(f"{n}.0").correct  # a whole number written with a decimal point is fine
+
+
+def test_suffixed_text_answers_keep_their_value():
+    cfg = Config(vocab_size=16000, d_model=512, n_heads=8, n_layers=8)
+    total = E.count_exercise("total", cfg)
+    assert E.parse_answer("33.9M") == 33_900_000 and E.parse_answer("1.3B") == 1_300_000_000
+    fb = total.check("33.9M")  # 33,900,000: a whole number, near but not the count
+    assert not fb.correct and "within 1%" in fb.message
+    assert "whole number" in total.check("33.9363844M").message  # 33,936,384.4 is not a count either
+
+
 @pytest.mark.parametrize("empty", [None, "", "   ", ...])
 def test_empty_answers_are_not_answered(empty):
     ex = E.for_student("ada")[0]
