@@ -37,7 +37,8 @@ windows of all epochs form one stream, and *global* batch ``s`` is windows
 - resuming needs only the step (``state_dict()`` is ``{"step": ..., ...}``);
 - ``world_size`` processes with batch ``b`` see exactly one process's batch ``world_size*b``;
 - ``k`` consecutive micro-batches of ``b`` are exactly one batch of ``k*b`` (accumulation);
-- background workers (``num_workers > 0``) may prefetch in any order without changing a thing.
+- background workers (``num_workers > 0``) may prefetch in any order without changing a thing
+  (starting them draws from the sampler's own seeded generator, not torch's global RNG).
 """
 
 from __future__ import annotations
@@ -340,6 +341,10 @@ class BatchSampler:
             sampler=itertools.count(start),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            # Starting the workers draws their base seed from this generator; without one it comes
+            # from torch's global RNG, which also draws dropout masks, so workers (and every resume,
+            # which starts them anew) would change the masks. The workers draw nothing random.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def close(self) -> None:

@@ -258,3 +258,14 @@ def test_unigram_baseline_on_shakespeare(shakespeare_tiny):
     _, (tok, train, val) = shakespeare_tiny
     h = unigram_baseline(train, val, tok.vocab_size)
     assert 3.0 < h < math.log(tok.vocab_size)  # English letters: ~3.3 nats, well below uniform
+
+
+def test_workers_leave_the_global_rng_alone(tmp_path):
+    """Starting the background loader must not draw from torch's global RNG (it also draws dropout masks)."""
+    s = BatchSampler(TOKENS, 4, 16, seed=2, num_workers=1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    s.next_batch()  # starts the workers
+    assert torch.equal(torch.rand(3), expected)
+    s.close()

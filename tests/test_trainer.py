@@ -304,3 +304,22 @@ def test_resume_rotation_keeps_the_new_checkpoint_and_drops_the_replaced_run(mic
     assert resumed.train().step == 3
     assert list_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{s}" for s in kept]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+
+
+def test_data_workers_change_nothing_and_resume_exactly(micro, tmp_path):
+    """num_workers=2 gives the losses of num_workers=0, and resumes exactly, with dropout on (micro's 0.1).
+
+    Starting a DataLoader draws its workers' base seed from the generator it is given; from torch's
+    global one, which also draws the dropout masks, that would shift every mask after it.
+    """
+    expected = train_losses(run(micro(tmp_path / "w0")).train())
+    cfg = micro(tmp_path / "w2", num_workers=2)
+    stopper = run(cfg)
+    stopper.add_callback("on_step_end", lambda tr, rec: rec["step"] == 5 and tr.request_stop("test"))
+    cut = stopper.train()
+    stopper.close()
+    assert train_losses(cut) == {s: expected[s] for s in range(1, 6)}
+    resumed = run(cfg, resume_from_checkpoint=tmp_path / "w2" / "checkpoint-5")
+    result = resumed.train()
+    resumed.close()
+    assert train_losses(result) == expected
