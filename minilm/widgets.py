@@ -4,9 +4,11 @@ The form is built from the :class:`~minilm.config.Config` dataclass's metadata, 
 field appears with its help text and its limits, and a new field shows up by itself:
 
 * ``bool`` fields -> checkboxes; fields with ``choices`` -> dropdowns;
-* ``int`` fields with a ``widget_max`` -> sliders (from ``minimum`` to ``widget_max``),
-  other ints -> bounded number boxes; ``d_ff`` (nullable) gets an "auto" box too;
-* ``float`` fields -> bounded number boxes; strings -> text boxes.
+* ``int`` and ``float`` fields -> number boxes without bounds, so a value out of range
+  reaches the validation and is reported, not silently clamped to the nearest limit;
+  ints with a ``widget_max`` also get a slider beside the box (from ``minimum`` to
+  ``widget_max``); ``d_ff`` (nullable) gets an "auto" box too;
+* strings -> text boxes.
 
 After every change the editor rebuilds the config through the same validation as
 :func:`~minilm.config.load_config` and updates its readouts: the parameter count
@@ -39,7 +41,6 @@ from minilm.counting import ParameterCount, count_parameters, format_count
 
 GROUPS = ("model", "data", "training", "system", "meta")
 DERIVED = ("estimated_parameters",)  # computed by the editor, not typed in
-_INT_BOX_MAX = 10**12  # number boxes need an upper bound; the config's own limits are checked on rebuild
 
 
 def _optional(module: str):
@@ -211,7 +212,7 @@ class ConfigEditor:
 
     @property
     def controls(self) -> dict[str, Any]:
-        """The input widget of every editable field, by field name."""
+        """The input widget of every field, by field name (for a number: its box, which holds the value as typed)."""
         self.widget  # noqa: B018 -- builds the form
         return self._ui.controls
 
@@ -267,9 +268,13 @@ class _EditorUI:
         self.w = w
         self.editor = editor
         self.controls: dict[str, Any] = {}
+        self.sliders: dict[str, Any] = {}  # ints with a widget_max: a slider beside the number box
         self._auto: dict[str, Any] = {}  # nullable ints: the "auto" checkbox
         self._syncing = False
-        self._control_layout = w.Layout(width="520px")  # shared: one layout model, not one per field
+        # Shared: one layout model each, not one per field. A box with a slider is narrower, so rows line up.
+        self._control_layout = w.Layout(width="520px")
+        self._box_layout = w.Layout(width="300px")
+        self._slider_layout = w.Layout(width="220px")
         tabs = []
         for group in GROUPS:
             rows = [self._row(name) for name, f in FIELDS.items() if f.metadata["group"] == group]
@@ -314,28 +319,51 @@ class _EditorUI:
         elif kind is bool:
             control = w.Checkbox(value=bool(value), indent=False, description=name, tooltip=m["help"])
         elif kind is int:
+            # Unbounded on purpose (as are the float boxes below): a Bounded*Text or a slider's typed
+            # readout clamps an out-of-range number to the nearest limit without a word, so the user
+            # would see a valid config that is not what they typed. The config's validation reports it.
             shown = value if value is not None else (4 * self.editor.get("d_model") if name == "d_ff" else lo or 0)
             if "widget_max" in m:
-                hi = max(m["widget_max"], shown)
-                control = w.IntSlider(value=shown, min=lo or 0, max=hi, continuous_update=False, **common)
+                control = w.IntText(value=shown, **{**common, "layout": self._box_layout})
+                # For dragging through the usual range. No readout: a number typed there would be
+                # clamped to [min, max] by the browser; typing goes to the box.
+                slider = w.IntSlider(
+                    value=shown,
+                    min=lo or 0,
+                    max=max(m["widget_max"], shown),
+                    readout=False,
+                    continuous_update=False,
+                    layout=self._slider_layout,
+                    tooltip=m["help"],
+                )
+                slider.observe(lambda ch, n=name: self._on_change(n, ch["new"]), names="value")
+                self.sliders[name] = slider
             else:
-                control = w.BoundedIntText(value=shown, min=lo or 0, max=_INT_BOX_MAX, **common)
+                control = w.IntText(value=shown, **common)
             if field_nullable(name):
                 auto = w.Checkbox(value=value is None, description="auto", indent=False, layout=w.Layout(width="80px"))
-                control.disabled = value is None
+                self._set_disabled(name, control, value is None)
                 auto.observe(lambda ch, n=name: self._on_auto(n, ch["new"]), names="value")
                 self._auto[name] = auto
         elif kind is float:
-            hi = m.get("maximum", 1e30)
-            control = w.BoundedFloatText(value=value, min=lo if lo is not None else -1e30, max=hi, **common)
+            control = w.FloatText(value=value, **common)
         else:
             control = w.Text(value=str(value), continuous_update=False, **common)
         self.controls[name] = control
         if name not in DERIVED:
             control.observe(lambda ch, n=name: self._on_change(n, ch["new"]), names="value")
         help_text = w.HTML(f"<span style='color:#666;font-size:90%'>{m['help']}</span>")
-        parts = [control] + ([self._auto[name]] if name in self._auto else []) + [help_text]
-        return w.HBox(parts)
+        parts = [control]
+        if name in self.sliders:
+            parts.append(self.sliders[name])
+        if name in self._auto:
+            parts.append(self._auto[name])
+        return w.HBox([*parts, help_text])
+
+    def _set_disabled(self, name: str, control, disabled: bool) -> None:
+        control.disabled = disabled
+        if name in self.sliders:
+            self.sliders[name].disabled = disabled
 
     # --- events --------------------------------------------------------------------------
     def _on_change(self, name: str, value: Any) -> None:
@@ -346,7 +374,7 @@ class _EditorUI:
         self.editor.set(**{name: value})
 
     def _on_auto(self, name: str, auto: bool) -> None:
-        self.controls[name].disabled = auto
+        self._set_disabled(name, self.controls[name], auto)
         if self._syncing:
             return
         self.editor.set(**{name: None if auto else self.controls[name].value})
@@ -369,16 +397,18 @@ class _EditorUI:
                 control = self.controls[name]
                 if name in self._auto:
                     self._auto[name].value = value is None
-                    control.disabled = value is None
+                    self._set_disabled(name, control, value is None)
                     if value is None:
                         continue
                 if name in DERIVED or field_type(name) is str:
                     value = "" if value is None else str(value)
-                if hasattr(control, "max") and isinstance(value, (int, float)) and value > control.max:
-                    control.max = value
-                if hasattr(control, "min") and isinstance(value, (int, float)) and value < control.min:
-                    control.min = value
                 control.value = value
+                slider = self.sliders.get(name)
+                if slider is not None and isinstance(value, int):
+                    # Grow the slider's range to the value rather than let the slider clamp it.
+                    slider.max = max(slider.max, value)
+                    slider.min = min(slider.min, value)
+                    slider.value = value
         finally:
             self._syncing = False
 

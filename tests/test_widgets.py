@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from minilm.config import FIELDS, Config, ConfigError, load_config
+from minilm.config import FIELDS, Config, ConfigError, field_type, load_config
 from minilm.counting import count_parameters
-from minilm.widgets import ConfigEditor
+from minilm.widgets import DERIVED, ConfigEditor
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "training" / "small_model.json"
@@ -131,7 +131,12 @@ def test_form_has_a_control_per_field_with_limits_from_metadata(editor):
         m = f.metadata
         c = controls[name]
         if "widget_max" in m:
-            assert isinstance(c, widgets.IntSlider) and c.max >= m["widget_max"] and c.min == m.get("minimum", 0)
+            slider = editor._ui.sliders[name]
+            assert isinstance(slider, widgets.IntSlider) and slider.max >= m["widget_max"]
+            assert slider.min == m.get("minimum", 0) and not slider.readout  # a typed readout would clamp
+        if field_type(name) in (int, float) and name not in DERIVED:
+            # unbounded number boxes: an out-of-range value reaches the config's validation unchanged
+            assert isinstance(c, (widgets.IntText, widgets.FloatText)), name
         if "choices" in m:
             assert isinstance(c, widgets.Dropdown) and tuple(c.options) == tuple(m["choices"])
         if isinstance(f.default, bool):
@@ -154,10 +159,41 @@ def test_programmatic_set_shows_in_the_controls(editor):
     editor.set(n_layers=20, d_ff=None, max_steps=5_000_000, activation="gelu_tanh")
     c = editor.controls
     assert c["n_layers"].value == 20 and c["activation"].value == "gelu_tanh"
-    assert c["max_steps"].value == 5_000_000  # beyond widget_max: the slider grows
-    assert editor._ui._auto["d_ff"].value and c["d_ff"].disabled
-    editor._ui._auto["d_ff"].value = False  # untick "auto": the slider's value becomes d_ff
+    assert c["max_steps"].value == 5_000_000 and editor._ui.sliders["max_steps"].value == 5_000_000
+    assert editor._ui.sliders["max_steps"].max >= 5_000_000  # beyond widget_max: the slider grows
+    assert editor._ui._auto["d_ff"].value and c["d_ff"].disabled and editor._ui.sliders["d_ff"].disabled
+    editor._ui._auto["d_ff"].value = False  # untick "auto": the box's value becomes d_ff
     assert editor.get("d_ff") == c["d_ff"].value
+
+
+@pytest.mark.parametrize(
+    "name, typed",
+    [
+        ("dropout", 0.95),  # above its maximum (0.9)
+        ("learning_rate", 2.0),  # above its maximum (1.0)
+        ("weight_decay", -0.1),  # below its minimum
+        ("n_layers", 0),  # a slider field: typed into its number box
+        ("seed", -1),  # an int without a slider
+    ],
+)
+def test_typed_out_of_range_value_is_kept_and_reported_not_clamped(editor, name, typed):
+    """ConfigEditor.set keeps invalid values and reports them; the form's boxes must not clamp them first."""
+    editor.controls[name].value = typed
+    assert editor.controls[name].value == typed and editor.get(name) == typed
+    assert not editor.valid and f"'{name}'" in editor.error
+    assert name in editor._ui.error.value and "invalid" in editor._ui.error.value
+
+
+def test_typed_value_beyond_the_slider_is_valid_and_kept(editor):
+    editor.controls["max_steps"].value = 2_000_000  # above widget_max (1,000,000), allowed by the config
+    assert editor.valid and editor.config.max_steps == 2_000_000
+    assert editor._ui.sliders["max_steps"].max >= 2_000_000  # the slider grows to show it
+
+
+def test_dragging_a_slider_sets_the_field_and_its_box(editor):
+    editor.widget  # noqa: B018 -- build the form
+    editor._ui.sliders["n_layers"].value = 12
+    assert editor.get("n_layers") == 12 and editor.controls["n_layers"].value == 12
 
 
 def test_save_button_reports_errors_and_success(editor):
