@@ -85,8 +85,15 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------
 # RNG states as tensors and plain values (so that weights_only=True can load them)
 # ---------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and (if present) CUDA generator states, as tensors and plain types."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (if CUDA is in use) CUDA generator states, as tensors and plain types.
+
+    The CUDA state is that of ``device`` only (a CUDA device; default: the current one), the GPU
+    this process trains on. Under DDP every rank seeds alike and draws the same dropout masks
+    (see the trainer), so rank 0's GPU state is every rank's: :func:`set_rng_state` puts it back
+    on each rank's own GPU. (Saving every GPU's state from rank 0 and restoring them all would
+    give rank r the untouched state of cuda:r, which only rank 0's process holds.)
+    """
     version, mt, gauss = random.getstate()
     # NumPy's legacy global generator: minilm draws from its own seeded Generators, but user
     # code in a notebook may use np.random.*, and resuming should not change what it gets.
@@ -103,12 +110,19 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(_cuda_device(device))
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+def _cuda_device(device: torch.device | None) -> torch.device:
+    """``device`` if it is a CUDA device, else the current CUDA device (a training run passes its own)."""
+    if device is not None and device.type == "cuda":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` returned; its CUDA state goes onto ``device`` (default: the current one)."""
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
@@ -116,9 +130,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(np_state)  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+        target = _cuda_device(device)
+        cuda_state = state["cuda"]
+        if isinstance(cuda_state, (list, tuple)):
+            # Checkpoints written before held every GPU's state: take this device's entry, which is
+            # what they restored then (exact for a single process; under DDP rank r > 0 gets cuda:r's
+            # untouched state as before). A GPU the saving machine did not have gets none.
+            index = target.index if target.index is not None else torch.cuda.current_device()
+            if index >= len(cuda_state):
+                return
+            cuda_state = cuda_state[index]
+        torch.cuda.set_rng_state(cuda_state, target)
 
 
 # ---------------------------------------------------------------------------------------

@@ -467,7 +467,7 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": ckpt_io.rng_state(),
+            "rng": ckpt_io.rng_state(self.device),
             "sampler": self.sampler.state_dict(),
             "tokens_seen": self.tokens_seen,
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
@@ -475,7 +475,7 @@ class Trainer:
 
     def _data_position(self) -> dict[str, Any]:
         """The parts of the training state that a half-done step changes: sampler position and RNG."""
-        return {"sampler": self.sampler.state_dict(), "rng": ckpt_io.rng_state()}
+        return {"sampler": self.sampler.state_dict(), "rng": ckpt_io.rng_state(self.device)}
 
     def save_checkpoint(self, state: dict[str, Any] | None = None) -> Path | None:
         """Write ``output_dir/checkpoint-{step}`` (rank 0; other ranks wait) and return its path."""
@@ -517,7 +517,7 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         self.sampler.load_state_dict(st["sampler"])
-        ckpt_io.set_rng_state(st["rng"])
+        ckpt_io.set_rng_state(st["rng"], self.device)  # CUDA: onto this rank's own GPU
         self.step = ck.step
         self.tokens_seen = int(st["tokens_seen"])
         self.last_checkpoint = path

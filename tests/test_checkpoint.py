@@ -198,3 +198,39 @@ def test_rotation_deletes_a_replaced_runs_checkpoints_first(tmp_path):
     deleted = rotate_checkpoints(tmp_path, 2, newest=tmp_path / "checkpoint-2", stale_steps={4, 6, 8})
     assert deleted == [tmp_path / f"checkpoint-{s}" for s in (4, 6)]
     assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-8"]
+
+
+def test_cuda_rng_state_is_this_devices_own(monkeypatch):
+    """A checkpoint holds the CUDA generator of the device that trained, and each process restores it onto its own.
+
+    Under DDP every rank seeds alike and draws the same dropout masks, so rank 0's GPU state is every rank's:
+    rank r must put it on cuda:r (restoring a list of all GPUs' states gave rank r the untouched cuda:r state).
+    No GPU here: torch.cuda's RNG functions are replaced by recorders.
+    """
+    calls = []
+
+    def fake_get(device="cuda"):
+        calls.append(("get", torch.device(device)))
+        return torch.tensor([7], dtype=torch.uint8)
+
+    def fake_set(new_state, device="cuda"):
+        calls.append(("set", torch.device(device), new_state.tolist()))
+
+    def every_gpu(*args):
+        raise AssertionError("every GPU's RNG state was saved or restored, not this device's")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", fake_get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake_set)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+
+    state = rng_state(torch.device("cuda", 1))  # rank 0 of a run on GPUs 1..4
+    assert calls == [("get", torch.device("cuda", 1))] and state["cuda"].tolist() == [7]
+    set_rng_state(state, torch.device("cuda", 3))  # rank 2 of the resumed run puts it on its own GPU
+    assert calls[-1] == ("set", torch.device("cuda", 3), [7])
+    # Checkpoints written before held a list, every GPU's state: each device takes its own entry.
+    legacy = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}
+    set_rng_state(legacy, torch.device("cuda", 2))
+    assert calls[-1] == ("set", torch.device("cuda", 2), [2])
