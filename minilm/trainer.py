@@ -514,7 +514,13 @@ class Trainer:
             raise CheckpointError(f"{path}: its tokenizer differs from the one built for dataset '{self.cfg.dataset}'")
         self.raw_model.load_state_dict(ck.model_state)
         self.raw_model.to(self.device)
+        # load_state_dict also restores each group's saved hyperparameters; the config's win, so a
+        # resume with a new --weight_decay / --beta1 / --beta2 uses them (the learning rate is set every
+        # step). The groups were built from the config just now: keep those values, load the rest.
+        configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(st["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(values)
         self.scaler.load_state_dict(st["scaler"])
         self.sampler.load_state_dict(st["sampler"])
         ckpt_io.set_rng_state(st["rng"], self.device)  # CUDA: onto this rank's own GPU

@@ -323,3 +323,14 @@ def test_data_workers_change_nothing_and_resume_exactly(micro, tmp_path):
     result = resumed.train()
     resumed.close()
     assert train_losses(result) == expected
+
+
+def test_resume_applies_changed_weight_decay_and_betas(micro, tmp_path):
+    """optimizer.load_state_dict restores the saved hyperparameters; the resumed run's config must win."""
+    run(micro(tmp_path, max_steps=2, save_steps=2)).train()
+    cfg = micro(tmp_path, max_steps=4, save_steps=2, weight_decay=0.5, beta1=0.8, beta2=0.9)
+    resumed = run(cfg, resume_from_checkpoint=tmp_path / "checkpoint-2")
+    decayed, plain = resumed.optimizer.param_groups
+    assert decayed["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0  # biases and norms never decay
+    assert decayed["betas"] == plain["betas"] == (0.8, 0.9)
+    assert resumed.optimizer.state  # the moments still come from the checkpoint
