@@ -20,8 +20,9 @@ command does::
 
 Every config field is also a flag (``--<field> VALUE``) that overrides the file; a bad
 value exits with status 2 and a message naming the field. Exit status of a training
-run: 0 finished, 1 failed (a non-finite loss, a bad checkpoint or dataset), 2 bad
-command line or config, 130 stopped by a signal after saving a checkpoint.
+run: 0 finished, 1 failed (a non-finite loss, a bad checkpoint or dataset, a checkpoint
+that cannot continue with the given seed or batch size, an output_dir that cannot be
+written), 2 bad command line or config, 130 stopped by a signal after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def run_train(argv: list[str]) -> int:
         return _error(str(e), EXIT_USAGE)
     except (CheckpointError, DataError, TokenizerError) as e:
         return _error(str(e))
+    except OSError as e:  # a folder that cannot be created or written, a full disk
+        return _error(_os_error_message(e, cfg))
     finally:
         if trainer is not None:
             trainer.close()
@@ -174,6 +177,17 @@ def run_train(argv: list[str]) -> int:
         print(result.message, file=sys.stderr)
         return EXIT_FAILED
     return EXIT_INTERRUPTED if result.status == "interrupted" else EXIT_OK
+
+
+def _os_error_message(e: OSError, cfg: Config) -> str:
+    """An OSError as one line: the path, what the system said, and the flag to change if it is output_dir."""
+    if not e.filename:
+        return str(e)
+    msg = f"{e.filename}: {e.strerror or e}"
+    path, out = Path(e.filename).absolute(), Path(cfg.output_dir).absolute()
+    if path == out or out in path.parents or path in out.parents:
+        msg += "; checkpoints and metrics go to output_dir: choose an --output_dir you can create and write"
+    return msg
 
 
 def _resolve_checkpoint(path: Path) -> Path:

@@ -362,16 +362,35 @@ class BatchSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``. The global batch may change if the position stays whole."""
-        mine = {"seed": self.seed, "seq_len": self.seq_len, "n_tokens": len(self.tokens)}
-        for key, value in mine.items():
-            if state[key] != value:
-                raise ValueError(f"sampler state has {key}={state[key]} but this sampler has {key}={value}")
+        """Continue from ``state``. The global batch may change if the position stays whole.
+
+        Raises ValueError, naming the config field, when ``state`` belongs to another stream of
+        windows (seed, sequence length or token count differ) or the sequences consumed so far are
+        not a whole number of this sampler's global batches.
+        """
+        # The window order depends on these: a position in one stream means nothing in another.
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"the checkpoint was trained with seed {state['seed']} but this run has seed {self.seed}; resume "
+                f"with the same seed (--seed {state['seed']}) or start a new run (the seed fixes the data order)"
+            )
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(
+                f"the checkpoint was trained with max_seq_len {state['seq_len']} but this run has {self.seq_len}; "
+                "resume with the same max_seq_len or start a new run"
+            )
+        if state["n_tokens"] != len(self.tokens):
+            raise ValueError(
+                f"the checkpoint was trained on {state['n_tokens']:,} training tokens but this data has "
+                f"{len(self.tokens):,}; resume with the dataset, tokenizer and val_fraction it was trained with"
+            )
         windows = state["step"] * state["global_batch"]  # windows consumed so far, across ranks
         if windows % self.global_batch:
             raise ValueError(
-                f"cannot resume: {windows} windows consumed is not a whole number of global batches of "
-                f"{self.global_batch} (batch_size {self.batch_size} x world_size {self.world_size})"
+                f"cannot resume: the checkpoint consumed {windows} sequences, not a whole number of this run's "
+                f"global batches of {self.global_batch} (batch_size {self.batch_size} x world_size "
+                f"{self.world_size}); use a batch_size x world_size that divides {windows}, such as the "
+                f"checkpoint's {state['global_batch']}"
             )
         self.step = windows // self.global_batch
         self._loader = None

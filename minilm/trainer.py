@@ -521,8 +521,15 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         for group, values in zip(self.optimizer.param_groups, configured, strict=True):
             group.update(values)
-        self.scaler.load_state_dict(st["scaler"])
-        self.sampler.load_state_dict(st["sampler"])
+        if self.scaler.is_enabled() and not st["scaler"]:
+            # Not trained in fp16: a disabled scaler saves {}. A fresh scaler is how any fp16 run starts.
+            self.log("note: the checkpoint was not trained in fp16 (no scaler state); starting a fresh gradient scaler")
+        else:
+            self.scaler.load_state_dict(st["scaler"])
+        try:
+            self.sampler.load_state_dict(st["sampler"])
+        except ValueError as e:  # another seed, or a batch size that cannot continue the data stream
+            raise CheckpointError(f"{path}: {e}") from None
         ckpt_io.set_rng_state(st["rng"], self.device)  # CUDA: onto this rank's own GPU
         self.step = ck.step
         self.tokens_seen = int(st["tokens_seen"])

@@ -178,3 +178,32 @@ def test_help_lists_every_field(argv, capsys):
         assert "off by more than 10% warns" in out  # argparse %-formats help: the '%' must survive
     else:
         assert "--max_new_tokens" in out and "--top_k" in out
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--seed", "1"], "trained with seed 1337 but this run has seed 1; resume with the same seed (--seed 1337)"),
+        (["--batch_size", "3"], "use a batch_size x world_size that divides 8, such as the checkpoint's 4"),
+    ],
+    ids=["seed", "batch_size"],
+)
+def test_resume_with_an_incompatible_data_order_is_a_clear_error(micro, capsys, tmp_path, flags, expected):
+    """Another seed reorders the data; a batch that does not divide the sequences consumed cannot continue the
+    stream. Both exit 1 with a message naming the field, not a traceback."""
+    path, _ = micro
+    out = tmp_path / "run"
+    assert main(["--config", str(path), "--output_dir", str(out), "--max_steps", "2", "--no_progress"]) == 0
+    capsys.readouterr()
+    assert main(["--resume_from_checkpoint", str(out / "checkpoint-2"), *flags, "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'checkpoint-2'}: ") and expected in err
+
+
+def test_output_dir_that_cannot_be_created_is_a_clear_error(micro, capsys, tmp_path):
+    path, _ = micro
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run"
+    assert main(["--config", str(path), "--output_dir", str(out), "--max_steps", "2", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: ") and "choose an --output_dir you can create and write" in err

@@ -334,3 +334,16 @@ def test_resume_applies_changed_weight_decay_and_betas(micro, tmp_path):
     assert decayed["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0  # biases and norms never decay
     assert decayed["betas"] == plain["betas"] == (0.8, 0.9)
     assert resumed.optimizer.state  # the moments still come from the checkpoint
+
+
+def test_fp16_resume_of_a_checkpoint_without_a_scaler_starts_a_fresh_one(micro, tmp_path, monkeypatch, capsys):
+    """A run that was not fp16 saves an empty scaler state; resuming it under fp16 starts a fresh scaler."""
+    import minilm.trainer
+
+    run(micro(tmp_path, max_steps=2, save_steps=2, dropout=0.0)).train()
+    monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
+    cfg = micro(tmp_path, max_steps=4, save_steps=2, dropout=0.0, fp16=True)
+    resumed = Trainer(cfg, progress=False, sample_tokens=0, resume_from_checkpoint=tmp_path / "checkpoint-2")
+    assert "starting a fresh gradient scaler" in capsys.readouterr().out
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    assert resumed.train().status == "completed"
