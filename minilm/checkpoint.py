@@ -13,6 +13,9 @@ A checkpoint is a folder ``output_dir/checkpoint-N`` (N = optimizer steps taken)
 target, each file is fsync'ed, and only then is the folder renamed to ``checkpoint-N``.
 A rename within one file system is atomic, so a process killed at any moment leaves
 either the complete new checkpoint or none at all; older checkpoints are untouched.
+Re-saving an existing step first moves the old folder aside (``.old-checkpoint-N``): a kill
+between that and the final rename leaves only the old one, which the next listing, load or
+save renames back.
 
 **Safe loading.** Every ``torch.load`` uses ``weights_only=True``, which refuses to run
 pickled code: RNG states and counters are stored as tensors and plain Python values.
@@ -52,6 +55,7 @@ FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 _OLD_PREFIX = ".old-checkpoint-"
+_OLD_RE = re.compile(r"^\.old-checkpoint-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -225,7 +229,15 @@ def save_checkpoint(
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                # Between the two renames another process listed the folder and put the old one back
+                # (see _restore_moved_aside): move it aside again.
+                if not final.exists():
+                    raise
+                os.replace(final, old)
+                os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -233,6 +245,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _restore_moved_aside(output_dir)  # before the clean-up, which would delete it
     _remove_stale_temporaries(output_dir, keep=final)
     if save_total_limit > 0:
         rotate_checkpoints(output_dir, save_total_limit, newest=final, stale_steps=stale_steps)
@@ -246,11 +259,29 @@ def _remove_stale_temporaries(output_dir: Path, keep: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _restore_moved_aside(output_dir: Path) -> None:
+    """Rename ``.old-checkpoint-N`` back to ``checkpoint-N`` where a killed re-save left only the former.
+
+    Re-saving step N moves the old ``checkpoint-N`` aside, then renames the new one into place.
+    A kill between those two renames leaves ``.old-checkpoint-N`` (complete) and no
+    ``checkpoint-N``: it is still the last good checkpoint N, not debris to delete.
+    """
+    for p in output_dir.iterdir():
+        m = _OLD_RE.match(p.name)
+        final = checkpoint_path(output_dir, int(m.group(1))) if m else None
+        if final is not None and not final.exists() and (p / MANIFEST_FILE).is_file():
+            try:
+                os.replace(p, final)
+            except OSError:
+                pass  # a read-only folder (then list_checkpoints just misses it), or another process was faster
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (those with a manifest) in ``output_dir``, oldest step first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
+    _restore_moved_aside(output_dir)
     found = []
     for p in output_dir.iterdir():
         m = _CHECKPOINT_RE.match(p.name)
@@ -335,6 +366,8 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
 def check_checkpoint(path: str | Path) -> dict[str, Any]:
     """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint; return its manifest."""
     path = Path(path)
+    if not path.exists() and path.parent.is_dir():
+        _restore_moved_aside(path.parent)
     if not path.exists():
         parent = path.parent
         found = list_checkpoints(parent)

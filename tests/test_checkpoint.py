@@ -234,3 +234,42 @@ def test_cuda_rng_state_is_this_devices_own(monkeypatch):
     legacy = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}
     set_rng_state(legacy, torch.device("cuda", 2))
     assert calls[-1] == ("set", torch.device("cuda", 2), [2])
+
+
+def test_checkpoint_moved_aside_by_a_killed_resave_is_put_back(tmp_path):
+    """Re-saving step N renames checkpoint-N to .old-checkpoint-N, then the new one into place. A kill between
+    the two renames leaves only .old-checkpoint-N: listing, loading and the next save must put it back, not
+    delete it as debris."""
+    old = tmp_path / ".old-checkpoint-5"
+    save(tmp_path, 5).rename(old)  # the state on disk after such a kill ...
+    (tmp_path / ".tmp-checkpoint-5-abc").mkdir()  # ... with the new save's temporary folder
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-5"] and not old.exists()
+
+    (tmp_path / "checkpoint-5").rename(old)
+    assert load_checkpoint(tmp_path / "checkpoint-5").step == 5
+
+    (tmp_path / "checkpoint-5").rename(old)
+    save(tmp_path, 6)  # the next save clears the temporary folder, not the moved-aside checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5", "checkpoint-6"]
+    assert load_checkpoint(tmp_path / "checkpoint-5").step == 5
+
+
+def test_resave_survives_a_reader_putting_the_old_one_back_midway(tmp_path, monkeypatch):
+    """A reader (another process listing the folder) between the re-save's two renames restores the old
+    checkpoint-N; the save moves it aside again instead of failing."""
+    first = GPT(CFG)
+    save(tmp_path, 5, first)
+    real_replace, raced = os.replace, []
+
+    def racing_replace(src, dst):
+        if Path(src).name.startswith(".tmp-checkpoint-") and not raced:
+            raced.append(list_checkpoints(tmp_path))  # the old one is aside now: the reader puts it back
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing_replace)
+    second = GPT(CFG)  # other weights: the global RNG moved on
+    assert not torch.equal(second.wte.weight, first.wte.weight)
+    save(tmp_path, 5, second)
+    assert raced == [[tmp_path / "checkpoint-5"]]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
+    assert torch.equal(load_checkpoint(tmp_path / "checkpoint-5").model_state["wte.weight"], second.wte.weight)
