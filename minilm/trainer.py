@@ -606,16 +606,18 @@ class Trainer:
                     status = "non_finite"
                     message = self._non_finite_message(bad, loss_value if bad == "loss" else grad_norm)
                     break
+                tokens = cfg.tokens_per_step
                 self._in_update = True  # a KeyboardInterrupt in here cannot be saved consistently
                 self.optimizer_step()
+                # Everything a checkpoint of this step holds changes in here, so that an interrupt
+                # just after it saves step N with step N's counters, not step N-1's.
                 self.step += 1
+                self.tokens_seen += tokens
                 self._boundary = self._data_position()
                 self._in_update = False
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()  # honest timing
                 dt = time.perf_counter() - t0
-                tokens = cfg.tokens_per_step
-                self.tokens_seen += tokens
                 train_time, train_tokens = train_time + dt, train_tokens + tokens
                 rec = {
                     "kind": "train",

@@ -347,3 +347,30 @@ def test_fp16_resume_of_a_checkpoint_without_a_scaler_starts_a_fresh_one(micro, 
     assert "starting a fresh gradient scaler" in capsys.readouterr().out
     assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
     assert resumed.train().status == "completed"
+
+
+def test_keyboard_interrupt_right_after_the_update_saves_that_steps_tokens(micro, tmp_path, monkeypatch):
+    """An interrupt just after step 3's weight update saves checkpoint-3 with step 3's token count.
+
+    The interrupt is raised by the first clock read after the update (the step time), the first line
+    that runs once the update section is left: tokens_seen must already count step 3 by then.
+    """
+    import time
+
+    import minilm.trainer
+
+    trainer = run(micro(tmp_path), handle_signals=False)
+
+    class Clock:
+        raised = False
+
+        def perf_counter(self) -> float:
+            if trainer.step == 3 and not trainer._in_update and not self.raised:
+                self.raised = True
+                raise KeyboardInterrupt
+            return time.perf_counter()
+
+    monkeypatch.setattr(minilm.trainer, "time", Clock())
+    assert trainer.train().status == "interrupted"
+    saved = load_checkpoint(tmp_path / "checkpoint-3")
+    assert saved.training_state["tokens_seen"] == 3 * trainer.cfg.tokens_per_step
