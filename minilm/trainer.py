@@ -149,25 +149,38 @@ def precision(
     return autocast_context(device, dtype), scaler, name
 
 
+# CUDA device names of the cards in minilm.hardware.ACCELERATORS, without vendor words ('NVIDIA',
+# 'Tesla', 'GeForce') and memory ('80GB', 'HBM3'). Only these exact models map: a variant of the same
+# chip (H100 NVL, V100 PCIe, RTX 4090 D, a laptop GPU, a MIG slice) has other peaks than the listed
+# card, so it gets None and the trainer measures its peak instead of dividing by a wrong one.
+_DATASHEET_NAMES = {
+    "H200": "H200 SXM",  # 'NVIDIA H200'
+    "H100": "H100 SXM",  # 'NVIDIA H100 80GB HBM3'
+    "H100 PCIE": "H100 PCIe",
+    "A100": "A100",  # the three A100 forms share their peaks; 40GB or 80GB by memory, below
+    "A100 SXM4": "A100",
+    "A100 PCIE": "A100",
+    "L4": "L4",
+    "RTX 4090": "RTX 4090",
+    "RTX 3090": "RTX 3090",
+    "V100 SXM2": "V100 SXM2",  # the PCIe V100 runs at lower clocks: not this entry
+    "T4": "T4",
+}
+_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE"}
+
+
 def datasheet_name(gpu_name: str) -> str | None:
-    """The :mod:`minilm.hardware` entry for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100 SXM'."""
-    g = gpu_name.upper()
-    if re.search(r"\bH200\b", g):
-        return "H200 SXM"
-    if re.search(r"\bH100\b", g):
-        return "H100 PCIe" if "PCIE" in g else "H100 SXM"
-    if re.search(r"\bA100\b", g):
-        return "A100 80GB" if "80G" in g else "A100 40GB"
-    for model, name in (
-        ("L4", "L4"),
-        ("RTX 4090", "RTX 4090"),
-        ("RTX 3090", "RTX 3090"),
-        ("V100", "V100 SXM2"),
-        ("T4", "T4"),
-    ):
-        if re.search(rf"\b{model}\b", g):
-            return name
-    return None
+    """The :mod:`minilm.hardware` entry for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100 SXM'.
+
+    None for any card that is not exactly a listed one (see ``_DATASHEET_NAMES``).
+    """
+    words = re.split(r"[\s_-]+", gpu_name.upper().strip())
+    memory = [w for w in words if re.fullmatch(r"\d+GB", w)]
+    model = " ".join(w for w in words if w not in _VENDOR_WORDS and not re.fullmatch(r"\d+GB|HBM\w*", w))
+    name = _DATASHEET_NAMES.get(model)
+    if name == "A100":
+        return "A100 80GB" if "80GB" in memory else "A100 40GB"
+    return name
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype | None) -> tuple[float | None, str]:

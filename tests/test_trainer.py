@@ -270,6 +270,18 @@ def test_compile_option_saves_plain_keys(micro, tmp_path, monkeypatch):
         ("NVIDIA GeForce RTX 4090", "RTX 4090"),
         ("Tesla T4", "T4"),
         ("Tesla V100-SXM2-32GB", "V100 SXM2"),
+        ("Tesla V100-SXM2-16GB", "V100 SXM2"),
+        ("NVIDIA A100 80GB PCIe", "A100 80GB"),
+        # Variants with other peaks than the entry of the same model: None, so the trainer measures instead.
+        ("NVIDIA H100 NVL", None),
+        ("NVIDIA H200 NVL", None),
+        ("NVIDIA GH200 480GB", None),
+        ("Tesla V100-PCIE-32GB", None),
+        ("Tesla V100S-PCIE-32GB", None),
+        ("NVIDIA GeForce RTX 4090 D", None),
+        ("NVIDIA GeForce RTX 4090 Laptop GPU", None),
+        ("NVIDIA GeForce RTX 3090 Ti", None),
+        ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", None),  # a MIG slice has a fraction of the card's peak
     ],
 )
 def test_gpu_names_map_to_datasheet_peaks(gpu, name):
