@@ -209,7 +209,8 @@ def _describe_allowed(f: dataclasses.Field) -> str:
     return " ".join(parts)
 
 
-def _check_field(name: str, value: Any) -> None:
+def check_field(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` if ``value`` is not allowed for field ``name`` (type, limits, choices)."""
     f = FIELDS[name]
     m = f.metadata
     want = field_type(name)
@@ -239,7 +240,7 @@ def _check_field(name: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the first field that is not allowed."""
     for name in FIELDS:
-        _check_field(name, getattr(cfg, name))
+        check_field(name, getattr(cfg, name))
     if cfg.d_model % cfg.n_heads != 0:
         raise ConfigError(
             f"field 'n_heads' must divide d_model: d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads} "

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minilm.config import Config, ConfigError
+from minilm.config import Config, ConfigError, check_field
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ def local_device(requested: str) -> torch.device:
 
     Under torchrun with CUDA every process takes the GPU numbered by its LOCAL_RANK.
     """
+    check_field("device", requested)  # 'gpu' and other typos: a ConfigError naming the field, not a torch error
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)

@@ -207,3 +207,12 @@ def test_output_dir_that_cannot_be_created_is_a_clear_error(micro, capsys, tmp_p
     assert main(["--config", str(path), "--output_dir", str(out), "--max_steps", "2", "--no_progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out}: ") and "choose an --output_dir you can create and write" in err
+
+
+def test_sample_with_a_bad_device_is_a_usage_error(micro, capsys):
+    """`minilm sample --device gpu`: the field's allowed forms, exit 2, no torch traceback."""
+    path, cfg = micro
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", cfg.output_dir, "--device", "gpu"])
+    assert e.value.code == 2
+    assert "field 'device' must be one of 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
