@@ -26,26 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from minilm.config import Config  # noqa: E402
 from minilm.flops import count_flops, flop_breakdown  # noqa: E402
-from minilm.measure import measure_training_step  # noqa: E402
+from minilm.measure import (  # noqa: E402
+    VALIDATION_GRID,
+    VALIDATION_SHAPES,
+    VALIDATION_VARIANTS,
+    VARIANT_BASE,
+    measure_training_step,
+)
 from minilm.memory import estimate_training_memory  # noqa: E402
-
-SHAPES = {
-    "d64-L2-V512": dict(vocab_size=512, d_model=64, n_heads=4, n_layers=2),
-    "d128-L3-V1024": dict(vocab_size=1024, d_model=128, n_heads=4, n_layers=3),
-    "d192-L2-V2048": dict(vocab_size=2048, d_model=192, n_heads=6, n_layers=2),
-}
-VARIANTS = {
-    "manual fp32": dict(attention="manual"),
-    "manual bf16 ckpt": dict(attention="manual", bf16=True, gradient_checkpointing=True),
-    "sdpa dropout": dict(dropout=0.1),
-    "sdpa dropout bf16 ckpt": dict(dropout=0.1, bf16=True, gradient_checkpointing=True),
-    "manual dropout": dict(attention="manual", dropout=0.1),
-    "accumulation x2": dict(grad_accumulation_steps=2),
-    "accumulation x2 bf16 ckpt": dict(grad_accumulation_steps=2, bf16=True, gradient_checkpointing=True),
-    "untied, no bias, d_ff 96": dict(tie_embeddings=False, bias=False, d_ff=96),
-    "fp16 autocast": dict(fp16=True),
-    "one head, batch 1": dict(n_heads=1, batch_size=1),
-}
 
 
 @dataclass
@@ -63,16 +51,13 @@ class Case:
 def memory_cases(quick: bool, device: str) -> list[Case]:
     device_type = torch.device(device).type
     cases = []
-    for (shape, dims), (b, s, ckpt, bf16) in itertools.product(
-        SHAPES.items(), itertools.product([1, 4], [64, 256], [False, True], [False, True])
-    ):
+    for (shape, dims), (b, s, ckpt, bf16) in itertools.product(VALIDATION_SHAPES.items(), VALIDATION_GRID):
         cfg = Config(**dims, max_seq_len=s, batch_size=b, gradient_checkpointing=ckpt, bf16=bf16)
         name = f"{shape} b={b} s={s}{' ckpt' if ckpt else ''}{' bf16' if bf16 else ''}"
         cases.append((name, cfg, "fused"))
     if not quick:
-        base = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128, batch_size=2)
-        for (variant, changes), opt in itertools.product(VARIANTS.items(), ["fused", "foreach", "for-loop"]):
-            cases.append((f"{variant} [{opt}]", Config(**{**base, **changes}), opt))
+        for (variant, changes), opt in itertools.product(VALIDATION_VARIANTS.items(), ["fused", "foreach", "for-loop"]):
+            cases.append((f"{variant} [{opt}]", Config(**{**VARIANT_BASE, **changes}), opt))
     out = []
     for name, cfg, opt in cases:
         m = measure_training_step(cfg, optimizer=opt, device=device)
@@ -85,7 +70,9 @@ def memory_cases(quick: bool, device: str) -> list[Case]:
 
 def flop_cases() -> list[Case]:
     out = []
-    for (shape, dims), attention, ckpt in itertools.product(SHAPES.items(), ["manual", "sdpa"], [False, True]):
+    for (shape, dims), attention, ckpt in itertools.product(
+        VALIDATION_SHAPES.items(), ["manual", "sdpa"], [False, True]
+    ):
         cfg = Config(**dims, max_seq_len=64, attention=attention, gradient_checkpointing=ckpt)
         counted = count_flops(cfg, batch_size=2, device="cpu")
         expected = flop_breakdown(cfg, device_type="cpu").hardware_total * counted.tokens

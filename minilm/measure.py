@@ -33,6 +33,7 @@ shows more (see :data:`minilm.memory.NOT_COUNTED`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,31 @@ from torch.utils._pytree import tree_flatten
 from minilm.config import Config
 from minilm.memory import OPTIMIZER_IMPLS
 from minilm.model import GPT
+
+# The cases the memory estimate is validated on: tests/test_memory.py asserts them (within
+# 10%), benchmarks/estimator_accuracy.py prints them. Shapes are tiny so the checks are fast,
+# but chosen so that activations and logits are a large part of the peak at batch 4 x 256.
+VALIDATION_SHAPES = {
+    "d64-L2-V512": dict(vocab_size=512, d_model=64, n_heads=4, n_layers=2),
+    "d128-L3-V1024": dict(vocab_size=1024, d_model=128, n_heads=4, n_layers=3),
+    "d192-L2-V2048": dict(vocab_size=2048, d_model=192, n_heads=6, n_layers=2),
+}
+# batch, sequence length, gradient checkpointing, bf16: 16 settings per shape
+VALIDATION_GRID = tuple(itertools.product((1, 4), (64, 256), (False, True), (False, True)))
+# Other variants, each applied to VARIANT_BASE.
+VARIANT_BASE = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128, batch_size=2)
+VALIDATION_VARIANTS = {
+    "manual fp32": dict(attention="manual"),
+    "manual bf16 ckpt": dict(attention="manual", bf16=True, gradient_checkpointing=True),
+    "sdpa dropout (CPU math path)": dict(dropout=0.1),
+    "sdpa dropout bf16 ckpt": dict(dropout=0.1, bf16=True, gradient_checkpointing=True),
+    "manual dropout": dict(attention="manual", dropout=0.1),
+    "accumulation x2": dict(grad_accumulation_steps=2),
+    "accumulation x2 bf16 ckpt": dict(grad_accumulation_steps=2, bf16=True, gradient_checkpointing=True),
+    "untied, no bias, d_ff 96": dict(tie_embeddings=False, bias=False, d_ff=96),
+    "fp16 autocast + scaler": dict(fp16=True),
+    "one head, batch 1": dict(n_heads=1, batch_size=1),
+}
 
 
 class LiveStorageTracker(TorchDispatchMode):

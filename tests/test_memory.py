@@ -11,25 +11,23 @@ Shapes are tiny so the suite is fast, but chosen so that activations and logits 
 large part of the peak at batch 4 x 256, not a rounding error next to the weights.
 """
 
-import itertools
-
 import pytest
 
 from minilm.config import Config
 from minilm.counting import count_parameters
-from minilm.measure import measure_training_step, measure_with_memtracker
+from minilm.measure import (
+    VALIDATION_GRID,
+    VALIDATION_SHAPES,
+    VALIDATION_VARIANTS,
+    VARIANT_BASE,
+    measure_training_step,
+    measure_with_memtracker,
+)
 from minilm.memory import GB, NOT_COUNTED, estimate_training_memory, layer_activations
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = 0.10
-
-SHAPES = {
-    "d64-L2-V512": dict(vocab_size=512, d_model=64, n_heads=4, n_layers=2),
-    "d128-L3-V1024": dict(vocab_size=1024, d_model=128, n_heads=4, n_layers=3),
-    "d192-L2-V2048": dict(vocab_size=2048, d_model=192, n_heads=6, n_layers=2),
-}
-GRID = list(itertools.product([1, 4], [64, 256], [False, True], [False, True]))  # batch, seq, ckpt, bf16
 
 
 def compare(cfg: Config, **kw) -> tuple[float, float, int, int]:
@@ -41,11 +39,11 @@ def compare(cfg: Config, **kw) -> tuple[float, float, int, int]:
     return err, dynamic, est.peak_bytes, measured.peak_bytes
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", VALIDATION_SHAPES)
 def test_estimate_within_10_percent_on_the_grid(shape):
     rows, failures = [], []
-    for b, s, ckpt, bf16 in GRID:
-        cfg = Config(**SHAPES[shape], max_seq_len=s, batch_size=b, gradient_checkpointing=ckpt, bf16=bf16)
+    for b, s, ckpt, bf16 in VALIDATION_GRID:
+        cfg = Config(**VALIDATION_SHAPES[shape], max_seq_len=s, batch_size=b, gradient_checkpointing=ckpt, bf16=bf16)
         err, dynamic, est, meas = compare(cfg)
         rows.append((b, s, ckpt, bf16, err, dynamic))
         if abs(err) > TOLERANCE:
@@ -56,25 +54,10 @@ def test_estimate_within_10_percent_on_the_grid(shape):
     assert min(big) > 0.4, big
 
 
-VARIANTS = {
-    "manual fp32": dict(attention="manual"),
-    "manual bf16 ckpt": dict(attention="manual", bf16=True, gradient_checkpointing=True),
-    "sdpa dropout (CPU math path)": dict(dropout=0.1),
-    "sdpa dropout bf16 ckpt": dict(dropout=0.1, bf16=True, gradient_checkpointing=True),
-    "manual dropout": dict(attention="manual", dropout=0.1),
-    "accumulation x2": dict(grad_accumulation_steps=2),
-    "accumulation x2 bf16 ckpt": dict(grad_accumulation_steps=2, bf16=True, gradient_checkpointing=True),
-    "untied, no bias, d_ff 96": dict(tie_embeddings=False, bias=False, d_ff=96),
-    "fp16 autocast + scaler": dict(fp16=True),
-    "one head": dict(n_heads=1, batch_size=1),
-}
-
-
 @pytest.mark.parametrize("optimizer", ["fused", "foreach", "for-loop"])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VALIDATION_VARIANTS)
 def test_estimate_within_10_percent_on_variants(variant, optimizer):
-    base = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128, batch_size=2)
-    cfg = Config(**{**base, **VARIANTS[variant]})
+    cfg = Config(**{**VARIANT_BASE, **VALIDATION_VARIANTS[variant]})
     err, _, est, meas = compare(cfg, optimizer=optimizer)
     assert abs(err) <= TOLERANCE, f"estimated {est:,} measured {meas:,} ({err:+.2%})"
 
