@@ -425,7 +425,11 @@ def machine_description() -> dict:
         info["device_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GB, 1)
         info["cuda"] = torch.version.cuda
     else:
+        from minilm.precision import cpu_supports_bf16
+
         info["device"] = "cpu"
+        # bf16 rows mean bf16 only on CPUs that multiply it natively; elsewhere the trainer runs fp32.
+        info["cpu_native_bf16"] = cpu_supports_bf16()
     return info
 
 
@@ -440,7 +444,10 @@ def _cpu_name() -> str:
 
 
 def machine_slug(info: dict) -> str:
-    name = info["device"] if info["device"] != "cpu" else f"cpu {info['cpu']} {info['cpu_count']} cores"
+    """The results file's name: the GPU, or the CPU with its core count and bf16 support."""
+    name = info["device"]
+    if name == "cpu":
+        name = f"cpu {info['cpu']} {info['cpu_count']} cores" + (" bf16" if info.get("cpu_native_bf16") else "")
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -573,6 +580,7 @@ def render_measured(record: dict) -> str:
         f"{m['device']} ({m.get('device_memory_gib', '?')} GiB), CUDA {m.get('cuda')}"
         if on_gpu
         else f"{m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
+        + {True: ", native bf16", False: ", no native bf16 (bf16 runs fp32)"}.get(m.get("cpu_native_bf16"), "")
     )
     lines = [
         f"### Measured on {where}",

@@ -176,3 +176,15 @@ def test_gpu_records_render_with_datasheet_mfu_and_allocator_numbers(make_table)
     page = make_table.render([record])
     assert "No GPU measurement is saved yet" not in page
     assert make_table.computed_section(page) == make_table.render_computed()
+
+
+def test_cpu_records_say_whether_bf16_was_native(make_table):
+    """A CPU's bf16 rows mean bf16 only where it is native: the file name and heading say which CPU it was."""
+    base = {"cpu": "AMD EPYC", "cpu_count": 2, "device": "cpu"}
+    native, emulated = {**base, "cpu_native_bf16": True}, {**base, "cpu_native_bf16": False}
+    assert make_table.machine_slug(native) == "cpu-amd-epyc-2-cores-bf16"
+    assert make_table.machine_slug(emulated) == "cpu-amd-epyc-2-cores"  # two CPUs, two records
+    machine = {"python": "3.11", "torch": "2.x", "date": "2026-01-01", "os": "Linux", "torch_threads": 2}
+    for info, words in ((native, "native bf16"), (emulated, "no native bf16 (bf16 runs fp32)")):
+        text = make_table.render_measured({"machine": {**machine, **info}, "device": "cpu", "results": []})
+        assert text.splitlines()[0].endswith(words)
