@@ -49,9 +49,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.counting import count_parameters, format_count  # noqa: E402
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at  # noqa: E402
-from minilm.hardware import ACCELERATORS, get_accelerator  # noqa: E402
+from minilm.hardware import ACCELERATORS  # noqa: E402
 from minilm.memory import GB, estimate_training_memory  # noqa: E402
-from minilm.sizing import DESIGN_CLAIMS, design_claims_table  # noqa: E402
+from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
 from minilm.trainer import datasheet_name  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
@@ -117,17 +117,9 @@ def memory_gib(cfg: Config, precision: str, checkpointing: bool) -> float:
     return estimate_training_memory(with_precision(cfg, precision, checkpointing)).peak_bytes / GB
 
 
-def gpu_precision(cfg: Config, gpu: str) -> str:
-    """The precision a config runs in on a GPU: its own, but fp16 where the GPU has no bf16."""
-    p = precision_of(cfg)
-    if p == "bf16" and get_accelerator(gpu).bf16 is None:
-        return "fp16"
-    return p
-
-
 def gpu_tokens_per_second(cfg: Config, gpu: str, mfu: float = MFU) -> float:
-    """Estimated tokens/s on ``cfg.world_size`` GPUs of this kind at ``mfu``."""
-    return tokens_per_second_at(with_precision(cfg, gpu_precision(cfg, gpu)), gpu, mfu, n_devices=cfg.world_size)
+    """Estimated tokens/s on ``cfg.world_size`` GPUs of this kind at ``mfu`` (fp16 where a GPU has no bf16)."""
+    return throughput(cfg, Hardware.from_accelerator(gpu, n_devices=cfg.world_size, mfu=mfu))
 
 
 def hours_to_chinchilla(cfg: Config, gpu: str, mfu: float = MFU) -> float:
