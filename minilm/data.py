@@ -220,14 +220,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------------------------------
 # Training batches
 # ---------------------------------------------------------------------------------------
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, pin: bool) -> Batch:
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
     """Gather windows tokens[s : s + seq_len + 1] for each start s -> (x, y), (len(starts), seq_len) int64."""
     rows = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
     x, y = rows[:, :-1], rows[:, 1:]  # y is x shifted left by one: the next token at each position
-    x, y = x.contiguous(), y.contiguous()
-    if pin:
-        x, y = x.pin_memory(), y.pin_memory()
-    return x, y
+    return x.contiguous(), y.contiguous()
 
 
 class BatchSampler:
@@ -311,7 +308,15 @@ class BatchSampler:
 
     def get_batch(self, step: int) -> Batch:
         """This rank's (x, y) at ``step``, each (batch_size, seq_len) int64; does not move the sampler."""
-        return _windows(self.tokens, self.window_starts(step), self.seq_len, self.pin_memory)
+        x, y = self._unpinned_batch(step)
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def _unpinned_batch(self, step: int) -> Batch:
+        # Workers call this: a forked worker must never touch CUDA (pinning there fails with
+        # "CUDA error: initialization error"); the DataLoader pins in the main process instead.
+        return _windows(self.tokens, self.window_starts(step), self.seq_len)
 
     def next_batch(self) -> Batch:
         """The batch at ``self.step``; then advance one step."""
@@ -403,7 +408,7 @@ class _StepDataset(torch.utils.data.Dataset):
         self.sampler = sampler
 
     def __getitem__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        x, y = self.sampler.get_batch(step)
+        x, y = self.sampler._unpinned_batch(step)
         return step, x, y
 
     def __getstate__(self) -> dict[str, Any]:
@@ -443,7 +448,7 @@ def eval_batches(
     g = batch_size * world_size
     starts = np.linspace(0, len(tokens) - seq_len - 1, n * g).round().astype(np.int64)
     return [
-        _windows(tokens, starts[i * g + rank * batch_size : i * g + (rank + 1) * batch_size], seq_len, False)
+        _windows(tokens, starts[i * g + rank * batch_size : i * g + (rank + 1) * batch_size], seq_len)
         for i in range(n)
     ]
 

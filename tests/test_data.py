@@ -271,3 +271,15 @@ def test_workers_leave_the_global_rng_alone(tmp_path):
     s.next_batch()  # starts the workers
     assert torch.equal(torch.rand(3), expected)
     s.close()
+
+
+def test_workers_never_pin_only_the_main_process_does(monkeypatch):
+    # A forked DataLoader worker cannot touch CUDA: pinning there crashed every config with
+    # num_workers > 0 and pin_memory on a GPU. Pinning belongs to the loader, in this process.
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.shape) or t)
+    s = BatchSampler(TOKENS, 4, 16, seed=2)
+    s.pin_memory = True  # as on a CUDA machine (the constructor turns it off without CUDA)
+    step, x, y = data_mod._StepDataset(s)[3]  # what a worker runs
+    assert step == 3 and pinned == [] and torch.equal(x, s.get_batch(3)[0])
+    assert len(pinned) == 2  # get_batch, in this process, pins x and y
