@@ -13,7 +13,7 @@ spec = importlib.util.spec_from_file_location("make_student_version", ROOT / "sc
 msv = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(msv)
 
-EXERCISE_NOTEBOOK = ROOT / "notebooks" / "02_counting_parameters.ipynb"
+EXERCISE_NOTEBOOK = ROOT / "notebooks" / "04_counting_parameters.ipynb"
 
 
 def solution_lines(nb) -> list[str]:
