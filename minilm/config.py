@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import typing
 import warnings
@@ -348,12 +349,52 @@ def check_estimated_parameters(cfg: Config, *, source: str = "config", tolerance
     return true
 
 
+CONFIGS_ENV = "MINILM_CONFIGS"
+
+
+def configs_dir() -> Path:
+    """The folder holding the shipped configs (``training/``, ``design_original/``).
+
+    ``$MINILM_CONFIGS`` when set; else the copy installed with the package (package data);
+    else the ``configs/`` folder of the checkout this module was imported from. Notebooks use
+    it instead of ``../configs`` so they run from any folder (a grading tree, Colab).
+    """
+    if os.environ.get(CONFIGS_ENV):
+        return Path(os.environ[CONFIGS_ENV])
+    installed = Path(__file__).parent / "configs"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(name: str | Path) -> Path:
+    """The file of a shipped config, by short name or relative path.
+
+    ``"tiny"``, ``"tiny_model"`` and ``"training/tiny_model.json"`` all name
+    ``configs/training/tiny_model.json``; ``"design_original/small_model.json"`` names the design's
+    copy. An existing file path is returned as it is. Raises :class:`ConfigError` listing the
+    shipped names when nothing matches.
+    """
+    if Path(name).is_file():
+        return Path(name)
+    root = configs_dir()
+    text = str(name).removesuffix(".json")
+    for candidate in (text, f"training/{text}", f"training/{text}_model"):
+        path = root / f"{candidate}.json"
+        if path.is_file():
+            return path
+    shipped = sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.json"))
+    raise ConfigError(f"{name}: no such config in {root} (shipped: {', '.join(shipped) or 'none'})")
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *, check_estimate: bool = True) -> Config:
     """Read a flat JSON config, apply ``overrides``, validate, and return a :class:`Config`.
 
     Raises :class:`ConfigError` (a ``ValueError``) whose message names the file and the field.
     """
     path = Path(path)
+    if not path.suffix and not path.exists():  # a short name such as "tiny"
+        path = config_path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:

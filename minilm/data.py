@@ -448,8 +448,7 @@ def eval_batches(
     g = batch_size * world_size
     starts = np.linspace(0, len(tokens) - seq_len - 1, n * g).round().astype(np.int64)
     return [
-        _windows(tokens, starts[i * g + rank * batch_size : i * g + (rank + 1) * batch_size], seq_len)
-        for i in range(n)
+        _windows(tokens, starts[i * g + rank * batch_size : i * g + (rank + 1) * batch_size], seq_len) for i in range(n)
     ]
 
 
