@@ -49,10 +49,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.counting import count_parameters, format_count  # noqa: E402
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at  # noqa: E402
-from minilm.hardware import ACCELERATORS  # noqa: E402
+from minilm.hardware import ACCELERATORS, datasheet_name  # noqa: E402
 from minilm.memory import GB, estimate_training_memory  # noqa: E402
 from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
-from minilm.hardware import datasheet_name  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results"
