@@ -24,6 +24,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from minilm.counting import count_parameters
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the field."""
@@ -361,8 +363,6 @@ def check_estimated_parameters(cfg: Config, *, source: str = "config", tolerance
     """
     if cfg.estimated_parameters is None:
         return None
-    from minilm.counting import count_parameters  # counting imports config; import late
-
     true = count_parameters(cfg).total
     stated = cfg.estimated_parameters
     if abs(stated - true) > tolerance * true:

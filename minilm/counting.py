@@ -19,8 +19,10 @@ weight is one tensor used twice, so it is counted once (as ``sum(p.numel())`` do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from minilm.config import Config
+if TYPE_CHECKING:  # counting reads a config's shape fields; the config module uses counting to check estimates
+    from minilm.config import Config
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from minilm import attention
 from minilm.config import Config
 from minilm.counting import count_parameters, decay_split, parameter_shapes
 
@@ -130,27 +131,23 @@ class LayerActivations:
 
 
 def attention_path(cfg: Config, device_type: str = "cuda") -> str:
-    """Which attention computation runs in training: 'fused', 'manual' or 'math'.
-
-    'fused' is SDPA's flash / memory-efficient kernel (keeps no s² tensor). On CPU, SDPA
-    with dropout > 0 has no fused kernel and falls back to 'math', which materialises the
-    (b, a, s, s) probabilities like the manual path.
-    """
-    if cfg.attention == "manual":
-        return "manual"
-    return "math" if (cfg.dropout > 0 and device_type == "cpu") else "fused"
+    """Which attention computation ``cfg`` runs in training on ``device_type``: 'fused', 'manual' or 'math'."""
+    return attention.attention_path(cfg.attention, cfg.dropout, device_type)
 
 
 def _sdpa_in_fp32(cfg: Config, device_type: str) -> bool:
-    # minilm.attention runs SDPA in fp32 on CPU under autocast (its bf16 CPU kernel is slower),
-    # casting q, k, v up and the output back down.
-    return cfg.attention == "sdpa" and device_type == "cpu" and (cfg.bf16 or cfg.fp16)
+    return cfg.attention == "sdpa" and attention.sdpa_runs_in_fp32(device_type, autocast=cfg.precision != "fp32")
+
+
+def _element_bytes(cfg: Config) -> tuple[bool, int]:
+    """(autocast?, bytes per activation element): 2 under bf16/fp16 autocast, else 4."""
+    autocast = cfg.precision != "fp32"
+    return autocast, 2 if autocast else 4
 
 
 def _score_bytes(cfg: Config, device_type: str) -> tuple[int, int]:
     """(saved, backward-extra) bytes per element of the (b, a, s, s) attention probabilities."""
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
     path = attention_path(cfg, device_type)
     if path == "fused":
         return 0, 0
@@ -179,8 +176,7 @@ def _math_v_keeps_qkv(cfg: Config, batch_size: int) -> bool:
 def layer_activations(cfg: Config, batch_size: int, seq_len: int, device_type: str = "cuda") -> LayerActivations:
     """Bytes saved for backward by one block at this batch and sequence length (see the module docstring)."""
     b, s, d, a, f = batch_size, seq_len, cfg.d_model, cfg.n_heads, cfg.ff_width
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
     m = 1 if device_type == "cuda" else e  # CUDA's dropout keeps a bool mask; CPU's a mask in the input dtype
     bsd = b * s * d
     path = attention_path(cfg, device_type)
@@ -217,8 +213,7 @@ def block_forward_peak(cfg: Config, batch_size: int, seq_len: int, device_type: 
     MLP: everything the block saves, plus ln_2's fp32 output under autocast.
     """
     b, s, d, a = batch_size, seq_len, cfg.d_model, cfg.n_heads
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
     bsd = b * s * d
     layer = layer_activations(cfg, b, s, device_type)
     saved_so_far = 4 * bsd + 2 * 4 * b * s + e * bsd + layer.attention + (2 * 4 * d * d if autocast else 0)
@@ -247,7 +242,7 @@ def block_backward_extra(cfg: Config, batch_size: int, seq_len: int, device_type
     s² gradients appear, with the MLP's and projection's weight gradients.
     """
     b, s, d, a, f = batch_size, seq_len, cfg.d_model, cfg.n_heads, cfg.ff_width
-    e = 2 if (cfg.bf16 or cfg.fp16) else 4
+    _, e = _element_bytes(cfg)
     bsd = b * s * d
     mlp = e * b * s * f + 4 * d * f
     _, extra_per_score = _score_bytes(cfg, device_type)
@@ -385,8 +380,7 @@ def estimate_training_memory(
     b = batch_size or cfg.batch_size
     s = seq_len or cfg.max_seq_len
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
 
     pc = count_parameters(cfg)
     N = pc.total
