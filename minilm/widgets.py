@@ -38,21 +38,11 @@ from typing import Any
 
 from minilm.config import FIELDS, Config, ConfigError, config_from_dict, field_nullable, field_type, load_config
 from minilm.counting import ParameterCount, count_parameters, format_count
+from minilm.flops import flops_per_token
+from minilm.memory import estimate_training_memory
 
 GROUPS = ("model", "data", "training", "system", "meta")
 DERIVED = ("estimated_parameters",)  # computed by the editor, not typed in
-
-
-def _optional(module: str):
-    """A library module that may not exist yet in this checkout (None then); import errors inside it still raise."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"minilm.{module}")
-    except ModuleNotFoundError as e:
-        if e.name != f"minilm.{module}":
-            raise
-        return None
 
 
 class ConfigEditor:
@@ -142,18 +132,16 @@ class ConfigEditor:
     @property
     def flops_per_token(self) -> int | None:
         """Training FLOPs per token (forward + backward) from :mod:`minilm.flops`, or None."""
-        flops = _optional("flops")
-        if self._config is None or flops is None:
+        if self._config is None:
             return None
-        return flops.flops_per_token(self._config)
+        return flops_per_token(self._config)
 
     @property
     def memory(self):
         """The :class:`minilm.memory.MemoryEstimate` of one training step, or None."""
-        memory = _optional("memory")
-        if self._config is None or memory is None:
+        if self._config is None:
             return None
-        return memory.estimate_training_memory(self._config, device_type=self.memory_device)
+        return estimate_training_memory(self._config, device_type=self.memory_device)
 
     def readout(self) -> str:
         """The readouts as plain text (what the form shows, minus the chart)."""
