@@ -20,6 +20,7 @@ workspaces, and a ``headroom`` fraction for the caching allocator's fragmentatio
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minilm.config import Config, load_config
+from minilm.config import Config, configs_dir, load_config
 from minilm.counting import count_parameters, format_count
 from minilm.flops import chinchilla_tokens, flop_breakdown, flops_per_token, tokens_per_second_at
 from minilm.memory import GB, estimate_training_memory
@@ -225,10 +226,26 @@ def sizing_table(options: list[SizeOption], fmt: str = "text") -> str:
 # The design's troubleshooting advice, executable
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Levers:
+    """The memory-saving changes a plan step applies, as data (its labels are derived from these)."""
+
+    precision: str | None = None  # 'bf16' or 'fp16' when autocast is switched on; None: unchanged
+    checkpointing: bool = False  # gradient checkpointing switched on
+    halvings: int = 0  # micro-batch halved this many times, accumulation doubled as often
+    n_layers: int | None = None  # a smaller model with this many layers; None: the model as configured
+
+    @property
+    def count(self) -> int:
+        """How many kinds of change are applied (0: the config as it is)."""
+        return sum([self.precision is not None, self.checkpointing, self.halvings > 0, self.n_layers is not None])
+
+
+@dataclass(frozen=True)
 class PlanStep:
     """A config with some memory-saving changes applied, and what it costs."""
 
     changes: tuple[str, ...]  # human-readable, in the order applied; empty for the original
+    levers: Levers  # the same changes, as data: plans choose by these, never by the labels
     config: Config
     peak_bytes: int
     fits: bool
@@ -278,25 +295,39 @@ class FitPlan:
         return _render(head, rows, fmt, note)
 
 
-def _lever_configs(cfg: Config, bf16_ok: bool) -> list[tuple[tuple[str, ...], Config, int]]:
-    """Every combination of precision, checkpointing and batch halvings: (changes, config, halvings)."""
-    precisions = [((), cfg)]
-    if not (cfg.bf16 or cfg.fp16):
-        name = "bf16 autocast" if bf16_ok else "fp16 autocast (+ grad scaler)"
-        precisions.append(((name,), cfg.replace(bf16=bf16_ok, fp16=not bf16_ok)))
-    out = []
+def _labels(levers: Levers, cfg: Config) -> tuple[str, ...]:
+    """The changes in words, in the order applied (``cfg``: the config before them)."""
+    labels = []
+    if levers.precision == "bf16":
+        labels.append("bf16 autocast")
+    elif levers.precision == "fp16":
+        labels.append("fp16 autocast (+ grad scaler)")
+    if levers.checkpointing:
+        labels.append("gradient checkpointing")
+    if levers.halvings:
+        k = 2**levers.halvings
+        labels.append(f"micro-batch {cfg.batch_size}->{cfg.batch_size // k}, accumulation x{k}")
+    return tuple(labels)
+
+
+def _lever_configs(cfg: Config, bf16_ok: bool) -> list[tuple[Levers, Config]]:
+    """Every combination of precision, checkpointing and batch halvings, applied to ``cfg``."""
+    precisions = [None]
+    if cfg.precision == "fp32":
+        precisions.append("bf16" if bf16_ok else "fp16")
     max_halvings = int(math.log2(cfg.batch_size)) if cfg.batch_size > 0 else 0
-    for (p_changes, p_cfg), ckpt in itertools.product(precisions, (False, True)):
+    out = []
+    for precision, ckpt in itertools.product(precisions, (False, True)):
         if ckpt and cfg.gradient_checkpointing:
             continue
-        base = p_cfg.replace(gradient_checkpointing=True) if ckpt else p_cfg
-        c_changes = p_changes + (("gradient checkpointing",) if ckpt else ())
+        base = cfg.replace(bf16=precision == "bf16", fp16=precision == "fp16") if precision else cfg
+        base = base.replace(gradient_checkpointing=True) if ckpt else base
         for k in range(max_halvings + 1):
             if cfg.batch_size % (2**k):
                 break  # keep the effective batch exact: only halve while the batch divides evenly
             b, acc = cfg.batch_size // 2**k, cfg.grad_accumulation_steps * 2**k
-            changes = c_changes + ((f"micro-batch {cfg.batch_size}->{b}, accumulation x{2**k}",) if k else ())
-            out.append((changes, base.replace(batch_size=b, grad_accumulation_steps=acc), k))
+            levers = Levers(precision=precision, checkpointing=ckpt, halvings=k, n_layers=None)
+            out.append((levers, base.replace(batch_size=b, grad_accumulation_steps=acc)))
     return out
 
 
@@ -324,10 +355,11 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     base_flops = flop_breakdown(cfg)
     base_hw_flops = base_flops.total + base_flops.checkpoint_recompute
 
-    def step(changes: tuple[str, ...], c: Config, changes_model: bool = False) -> PlanStep:
+    def step(levers: Levers, c: Config, before: Config, changes_model: bool = False) -> PlanStep:
         fb = flop_breakdown(c)
         return PlanStep(
-            changes=changes,
+            changes=_labels(levers, before),
+            levers=levers,
             config=c,
             peak_bytes=peak_bytes(c),
             fits=fits(c, hw),
@@ -336,21 +368,20 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
         )
 
     bf16_ok = _bf16_supported(hw)
-    original = step((), cfg)
-    candidates = [(step(ch, c), k) for ch, c, k in _lever_configs(cfg, bf16_ok)]
+    original = step(Levers(), cfg, cfg)
+    candidates = [step(lv, c, cfg) for lv, c in _lever_configs(cfg, bf16_ok)]
     # Each change alone (the first halving only, and the largest), to show what each knob buys.
-    singles = [s for s, k in candidates if len(s.changes) == 1]
-    options = [s for s in singles if "micro-batch" not in s.changes[0]]
-    halvings = [s for s, k in candidates if len(s.changes) == 1 and "micro-batch" in s.changes[0]]
+    singles = [s for s in candidates if s.levers.count == 1]
+    options = [s for s in singles if not s.levers.halvings]
+    halvings = [s for s in singles if s.levers.halvings]
     options += halvings[:1] + (halvings[-1:] if len(halvings) > 1 else [])
 
-    def cost(item: tuple[PlanStep, int]) -> tuple:
-        s, k = item
-        precision_changed = any("autocast" in c for c in s.changes)
-        return (s.changes_model, round(s.compute_factor, 3), k, precision_changed)
+    def cost(s: PlanStep) -> tuple:
+        lv = s.levers
+        return (s.changes_model, round(s.compute_factor, 3), lv.halvings, lv.precision is not None)
 
-    fitting = sorted((item for item in candidates if item[0].fits), key=cost)
-    best = fitting[0][0] if fitting else None
+    fitting = sorted((s for s in candidates if s.fits), key=cost)
+    best = fitting[0] if fitting else None
     notes: list[str] = []
     if cfg.fp16 and not cfg_in.fp16:
         notes.append(
@@ -360,16 +391,17 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     if best is None and allow_smaller_model:
         for n_layers in range(cfg.n_layers - 1, 0, -1):
             smaller = cfg.replace(n_layers=n_layers)
-            items = [(step(ch, c, changes_model=True), k) for ch, c, k in _lever_configs(smaller, bf16_ok)]
+            items = [step(lv, c, smaller, changes_model=True) for lv, c in _lever_configs(smaller, bf16_ok)]
             considered += len(items)
-            fitting = sorted((item for item in items if item[0].fits), key=cost)
+            fitting = sorted((s for s in items if s.fits), key=cost)
             if fitting:
-                s = fitting[0][0]
+                s = fitting[0]
                 n_old, n_new = count_parameters(cfg).total, count_parameters(smaller).total
                 label = (
                     f"smaller model: {cfg.n_layers}->{n_layers} layers ({format_count(n_old)}->{format_count(n_new)})"
                 )
-                best = PlanStep((label, *s.changes), s.config, s.peak_bytes, True, 1.0, True)
+                levers = dataclasses.replace(s.levers, n_layers=n_layers)
+                best = PlanStep((label, *s.changes), levers, s.config, s.peak_bytes, True, 1.0, True)
                 notes.append("no combination of precision, checkpointing and batch fits: the model had to shrink")
                 break
     return FitPlan(hardware=hw, original=original, options=options, best=best, considered=considered, notes=notes)
@@ -412,7 +444,7 @@ def design_claims(
     Memory is per GPU at the config's own ``batch_size``, precision, checkpointing and
     ``world_size``. Throughput, if ``throughput_device`` is given, is one such GPU at ``mfu``.
     """
-    config_dir = Path(config_dir) if config_dir else Path(__file__).resolve().parent.parent / "configs" / "training"
+    config_dir = Path(config_dir) if config_dir else configs_dir() / "training"
     out = []
     for name, claim in DESIGN_CLAIMS.items():
         path = config_dir / f"{name}_model.json"

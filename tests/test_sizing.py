@@ -172,3 +172,18 @@ def test_bf16_config_on_a_gpu_without_bf16_is_planned_in_fp16():
     assert plan.original.config.fp16 and not plan.original.config.bf16
     assert any("no bf16" in n for n in plan.notes) and "no bf16" in plan.table()
     assert not any(n for n in plan_to_fit(cfg, Hardware.from_accelerator("A100 80GB")).notes)
+
+
+def test_the_planner_chooses_by_its_levers_not_by_its_labels(monkeypatch):
+    """Rewording every label changes no decision: plans compare typed levers, never words."""
+    import minilm.sizing as sizing
+
+    cfg = shipped("base").replace(batch_size=64, bf16=False)
+    before = plan_to_fit(cfg, Hardware(memory_gb=16))
+    monkeypatch.setattr(sizing, "_labels", lambda levers, cfg: tuple("lever" for _ in range(3)))
+    after = plan_to_fit(cfg, Hardware(memory_gb=16))
+    assert after.best.levers == before.best.levers and after.best.config == before.best.config
+    assert [s.levers for s in after.options] == [s.levers for s in before.options] != []
+    lv = before.best.levers
+    assert before.best.config.batch_size == cfg.batch_size // 2**lv.halvings
+    assert before.best.config.gradient_checkpointing == lv.checkpointing
