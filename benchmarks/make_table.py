@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.counting import count_parameters, format_count  # noqa: E402
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at  # noqa: E402
+from minilm.formatting import format_hours, render_table  # noqa: E402
 from minilm.hardware import ACCELERATORS, datasheet_name  # noqa: E402
 from minilm.memory import GB, estimate_training_memory  # noqa: E402
 from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
@@ -88,18 +89,6 @@ def with_precision(cfg: Config, precision: str, checkpointing: bool | None = Non
     return cfg.replace(**changes)
 
 
-def duration(hours: float) -> str:
-    """Readable time: seconds, minutes, hours or days."""
-    seconds = hours * 3600
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if hours < 1.5:
-        return f"{seconds / 60:.0f} min"
-    if hours < 48:
-        return f"{hours:.1f} h"
-    return f"{hours / 24:.1f} days"
-
-
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / GB:.2f}"
 
@@ -122,9 +111,7 @@ def hours_to_chinchilla(cfg: Config, gpu: str, mfu: float = MFU) -> float:
 
 
 def _table(head: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
-    align = align or "l" + "r" * (len(head) - 1)
-    sep = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-    return ["| " + " | ".join(head) + " |", sep] + ["| " + " | ".join(r) + " |" for r in rows]
+    return render_table(head, rows, "markdown", align).split("\n")
 
 
 def render_counts() -> list[str]:
@@ -212,7 +199,7 @@ def render_time() -> list[str]:
         row = [f"`{name}`", str(cfg.world_size), f"{compute_optimal(cfg).tokens / 1e6:,.0f}M"]
         for g in GPUS:
             tps = gpu_tokens_per_second(cfg, g)
-            row.append(f"{duration(hours_to_chinchilla(cfg, g))} ({format_count(tps)} tok/s)")
+            row.append(f"{format_hours(hours_to_chinchilla(cfg, g))} ({format_count(tps)} tok/s)")
         rows.append(row)
     peaks = ", ".join(
         f"{g} {ACCELERATORS[g].bf16 / 1e12:g}"
@@ -259,7 +246,7 @@ def _verdict_time(name: str) -> str:
     return (
         f"claimed speed × claimed time = {implied / 1e6:,.0f}M tokens = {implied / n:.1f} per parameter "
         f"(20·N needs {compute_optimal(cfg).tokens / 1e6:,.0f}M); 20·N on one RTX 4090 at {MFU:.0%} MFU: "
-        f"{duration(compute_optimal(cfg).tokens / tokens_per_second_at(cfg, 'RTX 4090', MFU, n_devices=1) / 3600)}"
+        f"{format_hours(compute_optimal(cfg).tokens / tokens_per_second_at(cfg, 'RTX 4090', MFU, n_devices=1) / 3600)}"
     )
 
 
@@ -277,7 +264,7 @@ def _time_range() -> str:
         for n in DESIGN_TABLE
     }
     lo, hi = min(hours, key=hours.get), max(hours, key=hours.get)
-    return f"from {duration(hours[lo])} (`{lo}`) to {duration(hours[hi])} (`{hi}`)"
+    return f"from {format_hours(hours[lo])} (`{lo}`) to {format_hours(hours[hi])} (`{hi}`)"
 
 
 def render_design() -> list[str]:

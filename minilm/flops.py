@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from minilm.attention import attention_path
 from minilm.config import Config
 from minilm.counting import count_parameters, format_count
+from minilm.formatting import render_table
 from minilm.model import GPT
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal D ≈ 20·N
@@ -106,9 +107,8 @@ class FlopBreakdown:
         if self.hardware_total != self.total:
             rows += [r for r in extra if r[1]]
         if fmt == "markdown":
-            lines = ["| part | FLOPs per token | share |", "|---|---:|---:|"]
-            lines += [f"| {n} | {v:,} ({format_count(v)}) | {v / self.total:.1%} |" for n, v in rows]
-            return "\n".join(lines)
+            body = [[n, f"{v:,} ({format_count(v)})", f"{v / self.total:.1%}"] for n, v in rows]
+            return render_table(["part", "FLOPs per token", "share"], body, fmt)
         if fmt != "text":
             raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
         w = max(len(n) for n, _ in rows)

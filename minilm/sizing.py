@@ -31,6 +31,7 @@ from pathlib import Path
 from minilm.config import Config, configs_dir, load_config
 from minilm.counting import count_parameters, format_count
 from minilm.flops import chinchilla_tokens, flop_breakdown, flops_per_token, tokens_per_second_at
+from minilm.formatting import format_hours, render_table
 from minilm.memory import GB, estimate_training_memory
 
 
@@ -173,29 +174,6 @@ def size_options(
     return out
 
 
-def _hours(h: float) -> str:
-    if h * 60 < 1:
-        return f"{h * 3600:.0f} s"
-    if h < 1:
-        return f"{h * 60:.0f} min"
-    return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
-
-
-def _render(head: list[str], rows: list[list[str]], fmt: str, note: str = "") -> str:
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines) + (f"\n\n{note}" if note else "")
-    if fmt != "text":
-        raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in [head, *rows]
-    ]
-    return "\n".join(lines) + (f"\n{note}" if note else "")
-
-
 def sizing_table(options: list[SizeOption], fmt: str = "text") -> str:
     """The :func:`size_options` result as a text or markdown table."""
     head = ["config", "params", "peak GiB", "fits", "tokens/s", "20·N tokens", "time to 20·N"]
@@ -212,14 +190,14 @@ def sizing_table(options: list[SizeOption], fmt: str = "text") -> str:
             "yes" if o.fits else "NO",
             format_count(o.tokens_per_second),
             format_count(o.chinchilla_tokens),
-            _hours(o.hours_to_chinchilla),
+            format_hours(o.hours_to_chinchilla),
         ]
         if "tokens in budget" in head:
             row.append(format_count(o.tokens_in_budget) if o.tokens_in_budget is not None else "-")
         if "time to target" in head:
-            row.append(_hours(o.hours_to_target) if o.hours_to_target is not None else "-")
+            row.append(format_hours(o.hours_to_target) if o.hours_to_target is not None else "-")
         rows.append(row)
-    return _render(head, rows, fmt)
+    return render_table(head, rows, fmt)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,7 +270,7 @@ class FitPlan:
             verdict = "nothing tried fits: a bigger device or more devices are needed"
         note = f"usable per device: {usable:.2f} GiB of {self.hardware.memory_gb:g} GB. {verdict}"
         note += "".join(f"\nnote: {n}" for n in self.notes)
-        return _render(head, rows, fmt, note)
+        return render_table(head, rows, fmt, note=note)
 
 
 def _labels(levers: Levers, cfg: Config) -> tuple[str, ...]:
@@ -504,4 +482,4 @@ def design_claims_table(
         "Estimated peak per GPU of one training step (tensors only; fits = under memory x 0.9 - 1 GB). "
         "Sequence length 1024 throughout."
     )
-    return _render(head, rows, fmt, note)
+    return render_table(head, rows, fmt, note=note)

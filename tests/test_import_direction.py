@@ -1,4 +1,4 @@
-"""Imports flow one way: model <- analytics <- training <- classroom (function-level imports included)."""
+"""Imports flow one way: formatting <- model <- analytics <- training <- classroom (function-level imports too)."""
 
 import ast
 import subprocess
@@ -10,6 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "minilm"
 
 LAYERS = {
+    # plain helpers every layer may use: how tables and durations are printed
+    "formatting": {"formatting"},
     # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules
     "model": {"config", "counting", "attention", "blocks", "model"},
     # what a model costs: FLOPs, memory, hardware peaks, the size planner
