@@ -69,7 +69,11 @@ See :data:`NOT_COUNTED` for what neither counts.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
+
+import torch
 
 from minilm import attention
 from minilm.config import Config
@@ -81,8 +85,9 @@ NOT_COUNTED = """\
 Not counted (by this estimate or by the measurement it is checked against):
   - the CUDA context: the driver's and PyTorch's kernels loaded on the GPU, ~0.3-1.3 GB
     per process depending on the GPU, driver and CUDA version, before any tensor exists;
-  - library workspaces: cuBLAS / cuBLASLt matmul workspaces, cuDNN and flash-attention
-    scratch, NCCL communication buffers under DDP;
+  - library workspaces that bypass PyTorch's allocator: cuDNN and flash-attention scratch,
+    NCCL communication buffers under DDP (the cuBLAS workspaces *are* counted: PyTorch
+    allocates them through its caching allocator, see :func:`cublas_workspace_bytes`);
   - the caching allocator's overhead: blocks rounded up (512 B, 2 MB segments), memory
     reserved but not in use (torch.cuda.memory_reserved() - memory_allocated()),
     fragmentation;
@@ -92,6 +97,30 @@ torch.cuda.max_memory_allocated(), which is what this estimate predicts. Leave
 10-20% headroom (and ~1 GB for the context) when choosing a GPU."""
 
 OPTIMIZER_IMPLS = ("foreach", "for-loop", "fused")
+
+MIB = 2**20
+
+
+def cublas_workspace_bytes(capability: tuple[int, int] | None = None, threads: int = 2) -> int:
+    """Bytes of cuBLAS workspace a training step holds on a CUDA device (in max_memory_allocated).
+
+    PyTorch gives every (cuBLAS handle, stream) pair a workspace from its caching allocator and
+    keeps it for the life of the process. Handles are per thread, and autograd runs backward on
+    its own device thread, so a training step uses ``threads`` = 2 workspaces: the forward's and
+    the backward's. PyTorch's default size (ATen's ``parseChosenWorkspaceSize``) is 32 MiB on
+    Hopper (compute capability 9.0) and 8 MiB + 128 KiB elsewhere; ``CUBLAS_WORKSPACE_CONFIG``
+    (``:SIZE_KiB:COUNT`` pairs) overrides it. ``capability`` None: the current CUDA device's, or
+    Hopper's when there is none (the datacenter GPUs this is planned for).
+    """
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    pairs = re.findall(r":(\d+):(\d+)", config or "")
+    if pairs:
+        size = sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    else:
+        if capability is None:
+            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        size = 32 * MIB if tuple(capability) == (9, 0) else 8 * MIB + 128 * 1024
+    return threads * size
 
 
 @dataclass(frozen=True)
@@ -299,6 +328,7 @@ class MemoryEstimate:
     logits: int  # the fp32 log-probs cross-entropy saves (4·b·s·V)
     logits_transient: int  # the two extra fp32 b·s·V tensors early in backward
     moments: dict[str, dict[str, int]] = field(default_factory=dict)  # moment -> component -> bytes
+    workspaces: int = 0  # CUDA: cuBLAS workspaces held through the caching allocator (0 on CPU)
 
     @property
     def model_state(self) -> int:
@@ -405,7 +435,10 @@ def estimate_training_memory(
     in_flight = 4 * bsd  # the fp32 gradient of the residual stream
 
     accumulating = cfg.grad_accumulation_steps > 1  # from micro-batch 2 on, gradients exist all step
+    workspaces = cublas_workspace_bytes() if device_type == "cuda" else 0
     state = {"parameters": params, "optimizer state": adam, "DDP buckets": ddp, "batch": batch}
+    if workspaces:
+        state["cuBLAS workspaces"] = workspaces
     if accumulating:
         state["gradients (previous micro-batches)"] = grads
     head_grad = 4 * V * d  # the LM head's (or the tied embedding's) gradient, made first in backward
@@ -483,6 +516,7 @@ def estimate_training_memory(
         "batch": batch,
         "gradients": grads,
         "optimizer temporaries": opt_tmp,
+        **({"cuBLAS workspaces": workspaces} if workspaces else {}),
     }
     return MemoryEstimate(
         batch_size=b,
@@ -504,4 +538,5 @@ def estimate_training_memory(
         logits=log_probs,
         logits_transient=ce_transient,
         moments=moments,
+        workspaces=workspaces,
     )
