@@ -375,6 +375,9 @@ def gpu_cases() -> list[Case]:
         cfg = shipped(name)
         ov = {"world_size": 1} if cfg.world_size > 1 else {}
         out.append(Case(name, ov, steps=12 if name != "large" else 8, warmup=3, label=f"{name}, as shipped"))
+        if name in ("small", "base"):  # compile off and on: the warm-up steps hold the compilation
+            label = f"{name}, as shipped, torch.compile"
+            out.append(Case(name, {**ov, "compile": True}, steps=16, warmup=6, label=label))
     return out
 
 
