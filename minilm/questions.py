@@ -137,8 +137,8 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
             key="untied_head_parameters",
             title="the parameters an untied LM head adds",
             question=(
-                "Make the model GPT-2-small shaped (d_model 768, 12 heads, 12 layers, vocab_size 50,257), then "
-                "untick tie_embeddings. How many parameters does that add?"
+                "Make the model GPT-2-small shaped (d_model 768, 12 heads, 12 layers, vocab_size 50,257, d_ff auto), "
+                "then untick tie_embeddings. How many parameters does that add?"
             ),
             unit="parameters",
             _answer=extra_params,
