@@ -483,3 +483,89 @@ def design_claims_table(
         "Sequence length 1024 throughout."
     )
     return render_table(head, rows, fmt, note=note)
+
+
+# ---------------------------------------------------------------------------------------
+# Scaling: loss against compute, and the compute-optimal size (Hoffmann et al. 2022)
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScalingLaw:
+    """A parametric loss fit ``L(N, D) = E + A / N**alpha + B / D**beta``.
+
+    ``N`` is parameters (all of them, embeddings included), ``D`` training tokens, ``L``
+    the loss in nats per token on the fit's own data and tokenizer: the numbers carry over
+    to another corpus only as a shape, never as values. Training compute is ``C = 6·N·D``
+    FLOPs. Every method takes floats or NumPy arrays (it is arithmetic only).
+
+    Along an iso-FLOP line (``D = C / 6N``) the loss has one minimum. Setting
+    ``dL/dN = 0`` gives ``alpha·A·N**-alpha = beta·B·(6N/C)**beta``, so
+
+        N_opt(C) = G · (C/6) ** (beta / (alpha+beta)),   G = (alpha·A / (beta·B)) ** (1 / (alpha+beta))
+        D_opt(C) = (C/6) / N_opt(C) = (C/6) ** (alpha / (alpha+beta)) / G
+    """
+
+    E: float  # irreducible loss, nats/token
+    A: float
+    B: float
+    alpha: float  # exponent of N
+    beta: float  # exponent of D
+    source: str = ""
+
+    def loss(self, n_parameters, tokens):
+        """Predicted loss (nats/token) of N parameters trained on D tokens."""
+        return self.E + self.A / n_parameters**self.alpha + self.B / tokens**self.beta
+
+    def iso_flop_loss(self, flops, n_parameters):
+        """Predicted loss of N parameters trained with ``flops`` FLOPs (so on D = C / 6N tokens)."""
+        return self.loss(n_parameters, flops / (6 * n_parameters))
+
+    @property
+    def parameter_exponent(self) -> float:
+        """a in N_opt ∝ C**a: beta / (alpha + beta)."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def _g(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+
+    def optimal_parameters(self, flops):
+        """N_opt(C): the parameter count with the lowest predicted loss for ``flops`` FLOPs."""
+        return self._g * (flops / 6) ** self.parameter_exponent
+
+    def optimal_tokens(self, flops):
+        """D_opt(C) = C / (6·N_opt): the tokens that go with :meth:`optimal_parameters`."""
+        return flops / (6 * self.optimal_parameters(flops))
+
+    def optimal_loss(self, flops):
+        """The lowest predicted loss ``flops`` FLOPs can buy."""
+        return self.iso_flop_loss(flops, self.optimal_parameters(flops))
+
+
+# Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 3
+# (eq. 10 / appendix D): the rounded constants the paper's text reports. Besiroglu et al. 2024
+# ("Chinchilla scaling: a replication attempt") refit the same data and found the optimum's
+# tokens per parameter closer to approaches 1 and 2 (about 20): read this fit as a shape.
+CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, source="Hoffmann et al. 2022, approach 3")
+
+
+def rule_of_thumb_parameters(flops: float, tokens_per_parameter: float = 20) -> float:
+    """N for a compute budget under the two rules of thumb D = 20·N and C = 6·N·D: sqrt(C / 120)."""
+    return math.sqrt(flops / (6 * tokens_per_parameter))
+
+
+def budget_flops(hw: Hardware, hours: float) -> float:
+    """Training FLOPs ``hw`` delivers in ``hours``: dense peak FLOP/s × MFU × devices × seconds.
+
+    An accelerator name is priced at its bf16 peak (fp16 where it has no bf16), as a
+    mixed-precision run would use it; a number is taken as FLOP/s.
+    """
+    if hw.peak_flops is None:
+        raise ValueError("budget_flops needs a Hardware with peak_flops (FLOP/s or an accelerator name)")
+    if isinstance(hw.peak_flops, str):
+        from minilm.hardware import get_accelerator
+
+        acc = get_accelerator(hw.peak_flops)
+        peak = acc.bf16 if acc.bf16 is not None else acc.peak("fp16")
+    else:
+        peak = float(hw.peak_flops)
+    return peak * hw.mfu * hw.n_devices * hours * 3600

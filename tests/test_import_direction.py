@@ -33,7 +33,7 @@ LAYERS = {
         "cli",
     },
     # teaching with it
-    "classroom": {"exercises", "widgets"},
+    "classroom": {"exercises", "widgets", "questions"},
 }
 RANK = {module: i for i, layer in enumerate(LAYERS.values()) for module in layer}
 

@@ -202,3 +202,19 @@ def test_save_button_reports_errors_and_success(editor):
     ui.save_button.click()
     assert "saved" in ui.save_status.value
     assert load_config(editor.save_dir / "from_button.json") == editor.config
+
+
+def test_auto_d_ff_box_follows_d_model(editor):
+    """With "auto" ticked the d_ff box shows 4 * d_model, not the value it had when the form was built."""
+    editor.widget  # noqa: B018 -- build the form
+    ui, box = editor._ui, editor.controls["d_ff"]
+    ui._auto["d_ff"].value = True  # tick "auto" in the form
+    assert editor.get("d_ff") is None and box.value == 4 * 512
+    editor.controls["d_model"].value = 768  # typed into the form
+    assert editor.config.ff_width == 3072 and box.value == 3072 and ui.sliders["d_ff"].value == 3072
+    editor.set(d_model=1024)  # set from code
+    assert box.value == 4096 and ui.sliders["d_ff"].max >= 4096
+    editor.set(d_model=640, d_ff=1000)  # a fixed d_ff is kept, not overwritten by the auto rule
+    assert not ui._auto["d_ff"].value and box.value == 1000
+    editor.set(d_ff=None)  # back to auto from code: the box shows the resolved width at once
+    assert ui._auto["d_ff"].value and box.value == 2560
