@@ -95,7 +95,7 @@ def sample_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--num_samples", type=int, default=1, help="Independent samples to print (default 1).")
     parser.add_argument("--seed", type=int, default=1337, help="Random seed of the sampler (default 1337).")
-    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default cpu).")
+    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default cpu).")
     return parser
 
 

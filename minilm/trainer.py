@@ -628,8 +628,7 @@ class Trainer:
                 self.tokens_seen += tokens
                 self._boundary = self._data_position()
                 self._in_update = False
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()  # honest timing
+                dist_utils.synchronize(self.device)  # honest timing (CUDA and MPS run asynchronously)
                 dt = time.perf_counter() - t0
                 train_time, train_tokens = train_time + dt, train_tokens + tokens
                 rec = {
