@@ -77,8 +77,9 @@ def test_wheel_ships_configs_and_corpus_and_finds_them_from_any_folder(tmp_path)
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
     subprocess.run(install, check=True, capture_output=True)
     probe = (
-        "import minilm, minilm.config as c, minilm.data as d;"
-        "print(minilm.__file__); print(c.config_path('tiny')); print(len(d.load_text('shakespeare')))"
+        "import minilm, minilm.colab as u, minilm.config as c, minilm.data as d;"
+        "print(minilm.__file__); print(c.config_path('tiny')); print(len(d.load_text('shakespeare')));"
+        "print(u.repository_url())"
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -89,3 +90,6 @@ def test_wheel_ships_configs_and_corpus_and_finds_them_from_any_folder(tmp_path)
     assert out[0] == str(target / "minilm" / "__init__.py")
     assert out[1] == str(target / "minilm" / "configs" / "training" / "tiny_model.json")
     assert int(out[2]) > 1_000_000  # the whole corpus, decompressed
+    # The repository's address travels in the package metadata (no pyproject.toml there).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert out[3] == project["urls"]["Repository"]
