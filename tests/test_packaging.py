@@ -61,9 +61,18 @@ def test_wheel_ships_configs_and_corpus_and_finds_them_from_any_folder(tmp_path)
     import sys
     import zipfile
 
+    import shutil
+
+    # Build from a copy of what the wheel is made of, so no build/ or egg-info lands in the checkout.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("minilm", "configs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     # --no-build-isolation: build with this environment's setuptools, no download.
-    build = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w"]
+    build = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w"]
     subprocess.run([*build, str(wheels)], check=True, cwd=tmp_path, capture_output=True)
     (wheel,) = wheels.glob("minilm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
