@@ -57,11 +57,10 @@ def test_ci_runs_the_readme_test_command():
 
 def test_wheel_ships_configs_and_corpus_and_finds_them_from_any_folder(tmp_path):
     """Colab installs the package, not the checkout: configs and corpus must travel inside the wheel."""
+    import shutil
     import subprocess
     import sys
     import zipfile
-
-    import shutil
 
     # Build from a copy of what the wheel is made of, so no build/ or egg-info lands in the checkout.
     source = tmp_path / "source"
