@@ -305,6 +305,10 @@ def optimizer_temporaries(cfg: Config, impl: str = "foreach") -> int:
     return worst
 
 
+# Device types whose estimate is checked against measured steps (tests/test_memory.py, minilm.measure).
+VALIDATED_DEVICE_TYPES = ("cuda", "cpu")
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Estimated training memory of one config, in bytes, by component and by moment of the step."""
@@ -329,6 +333,11 @@ class MemoryEstimate:
     logits_transient: int  # the two extra fp32 b·s·V tensors early in backward
     moments: dict[str, dict[str, int]] = field(default_factory=dict)  # moment -> component -> bytes
     workspaces: int = 0  # CUDA: cuBLAS workspaces held through the caching allocator (0 on CPU)
+
+    @property
+    def validated(self) -> bool:
+        """False where no measurement has checked the estimate: Apple MPS (see VALIDATED_DEVICE_TYPES)."""
+        return self.device_type in VALIDATED_DEVICE_TYPES
 
     @property
     def model_state(self) -> int:
@@ -359,6 +368,8 @@ class MemoryEstimate:
             f"batch {self.batch_size} x seq {self.seq_len}, {self.precision}, "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, AdamW {self.optimizer}"
         )
+        if not self.validated:
+            title += f" (unvalidated on {self.device_type}: never measured there)"
         parts = [(name, n) for name, n in self.at_peak().items() if n]
         moments = [(name, sum(c.values())) for name, c in self.moments.items()]
         if fmt == "markdown":
@@ -401,12 +412,17 @@ def estimate_training_memory(
     on CPU). ``keep_logits=True`` counts the logits as held through backward, as a loop
     that writes ``logits, loss = model(x, y)`` does (e·b·s·V bytes more).
     ``device_type`` ('cuda' or 'cpu') selects the few kernel differences (dropout mask
-    dtype, SDPA's fallback on CPU, softmax precision under autocast).
+    dtype, SDPA's fallback on CPU, softmax precision under autocast). 'mps' (Apple GPUs) is
+    accepted and computed like 'cuda', but unvalidated: ``.validated`` is False and the table says so.
     """
     if optimizer not in OPTIMIZER_IMPLS:
         raise ValueError(f"optimizer must be one of {OPTIMIZER_IMPLS}, got {optimizer!r}")
-    if device_type not in ("cuda", "cpu"):
-        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if device_type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"device_type must be 'cuda', 'cpu' or 'mps', got {device_type!r}")
+    estimated_for = device_type
+    # Apple MPS: never measured (no Mac was available), so it borrows CUDA's kernel assumptions and the
+    # estimate says it is unvalidated (MemoryEstimate.validated).
+    device_type = "cuda" if device_type == "mps" else device_type
     b = batch_size or cfg.batch_size
     s = seq_len or cfg.max_seq_len
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
@@ -524,7 +540,7 @@ def estimate_training_memory(
         precision=cfg.precision_label,
         gradient_checkpointing=cfg.gradient_checkpointing,
         optimizer=optimizer,
-        device_type=device_type,
+        device_type=estimated_for,
         n_parameters=N,
         parameters=params,
         gradients=grads,

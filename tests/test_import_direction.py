@@ -30,10 +30,11 @@ LAYERS = {
         "report",
         "trainer",
         "hf",
+        "export",
         "cli",
     },
     # teaching with it
-    "classroom": {"exercises", "widgets", "questions"},
+    "classroom": {"exercises", "widgets", "questions", "colab"},
 }
 RANK = {module: i for i, layer in enumerate(LAYERS.values()) for module in layer}
 
