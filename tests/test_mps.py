@@ -11,7 +11,7 @@ from minilm import distributed, precision
 from minilm.cli import main
 from minilm.config import Config, ConfigError
 from minilm.memory import estimate_training_memory
-from minilm.trainer import precision as trainer_precision
+from minilm.precision import mixed_precision as trainer_precision
 
 
 @pytest.fixture
