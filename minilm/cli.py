@@ -17,6 +17,7 @@ command does::
     minilm train --config configs/training/tiny_model.json --resume_from_checkpoint latest
     minilm sample --checkpoint outputs/tiny/checkpoint-600 --prompt "ROMEO:" --max_new_tokens 200
     python train.py sample --checkpoint outputs/tiny        # the newest checkpoint in a folder
+    minilm grade submitted/ --out grades.csv                # grade a class (minilm.grading)
 
 Every config field is also a flag (``--<field> VALUE``) that overrides the file; a bad
 value exits with status 2 and a message naming the field. Exit status of a training
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     so ``python train.py --config ...`` reads exactly as in the design.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "grade":  # `minilm grade SUBMISSIONS_DIR --out grades.csv`: the gradebook (issue 13)
+        from minilm.grading import main as grade_main
+
+        return grade_main(argv[1:])
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train":
         return run_train(argv)

@@ -602,6 +602,15 @@ print(MARK + _minilm_grade(CASES, LIMIT))
 """
 
 
+def harness_source(cases: dict[str, list[tuple]], mark: str, call_limit: int) -> str:
+    """The cell appended to a submission: it calls the functions on the hidden arguments and prints
+    what they return. Only arguments enter the student's kernel; expected values never do."""
+    setup = (
+        f"import json as _json\n\nMARK, LIMIT = {mark!r}, {call_limit}\nCASES = _json.loads({json.dumps(cases)!r})\n"
+    )
+    return setup + _HARNESS
+
+
 @dataclass
 class Row:
     """One student's line of the gradebook."""
@@ -641,10 +650,7 @@ def grade_notebook(path: Path, student: str, secret: bytes, timeout: float = 120
     run = nbformat.v4.new_notebook(metadata=nb.metadata)
     # Instructor test cells are skipped: they check public examples; marks come from the hidden cases.
     run.cells = [c for c in nb.cells if c.cell_type == "code" and not _is_test_cell(c)]
-    setup = (
-        f"import json as _json\n\nMARK, LIMIT = {mark!r}, {call_limit}\nCASES = _json.loads({json.dumps(cases)!r})\n"
-    )
-    run.cells.append(nbformat.v4.new_code_cell(setup + _HARNESS))
+    run.cells.append(nbformat.v4.new_code_cell(harness_source(cases, mark, call_limit)))
     pythonpath = str(Path(__file__).resolve().parents[1])  # this minilm, also when run from a checkout
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))}
     client = NotebookClient(
@@ -733,9 +739,10 @@ def _grade_one(args: tuple) -> Row:
 
 
 def grade_class(
-    submissions: Path, secret: bytes, timeout: float = 120, jobs: int = 1, notebook: str = f"{ASSIGNMENT}.ipynb"
+    submissions: Path, secret: str | bytes, timeout: float = 120, jobs: int = 1, notebook: str = f"{ASSIGNMENT}.ipynb"
 ) -> list[Row]:
     """Grade every submission under ``submissions``; ``jobs`` notebooks run at once."""
+    secret = _secret_bytes(secret)
     work = [(s, p, secret, timeout) for s, p in find_submissions(submissions, notebook)]
     if jobs <= 1:
         return [_grade_one(w) for w in work]
