@@ -109,6 +109,7 @@ def test_stripped_notebook_runs_and_the_checkers_say_not_answered(tmp_path, monk
 GRADED_NOTEBOOK = ROOT / "notebooks" / "12_graded_exercises.ipynb"
 
 
+@pytest.mark.filterwarnings("ignore:Object of type <:Warning")  # nbgrader 0.9.6's gradebook under SQLAlchemy 2.1
 def test_the_script_releases_what_nbgrader_releases_and_nbgrader_autogrades_it(tmp_path, monkeypatch):
     """nbgrader's generate_assignment accepts the graded notebook and writes, cell for cell, what
     make_student_version.py writes; its autograde scores a complete and an unfinished submission."""
