@@ -260,10 +260,11 @@ def test_a_class_of_four_is_graded_end_to_end(tmp_path, monkeypatch, capsys):
     )
     near_miss = sols["kv_cache_bytes"].replace("2 * n_layers", "n_layers")  # keys only: half the cache
     assert near_miss != sols["kv_cache_bytes"]
+    loops = "def compute_optimal_parameters(flops):\n    while True:\n        pass\n"  # never returns
     folder = tmp_path / "submitted"  # nbgrader's layout: submitted/<student>/<assignment>/<notebook>
     for student, edits in {
         "ada": {},
-        "bob": {"kv_cache_bytes": near_miss},
+        "bob": {"kv_cache_bytes": near_miss, "compute_optimal_parameters": loops},
         "cy": {"count_parameters": library},
     }.items():
         (folder / student / "ps12").mkdir(parents=True)
@@ -273,7 +274,7 @@ def test_a_class_of_four_is_graded_end_to_end(tmp_path, monkeypatch, capsys):
     (tmp_path / "secret").write_text(SECRET + "\n")
 
     argv = ["grade", "submitted", "--out", "grades.csv", "--secret-file", "secret", "--answer-key", "key.json"]
-    assert cli_main([*argv, "--timeout", "300"]) == 0
+    assert cli_main([*argv, "--timeout", "300", "--call-timeout", "2"]) == 0
     assert "4 submission(s) graded" in capsys.readouterr().out
 
     with open(tmp_path / "grades.csv", newline="") as f:
@@ -282,8 +283,9 @@ def test_a_class_of_four_is_graded_end_to_end(tmp_path, monkeypatch, capsys):
     assert list(rows["ada"])[1:7] == [ex.key for ex in grading.GRADED]
     full = {ex.key: str(ex.points) for ex in grading.GRADED}
     assert {k: rows["ada"][k] for k in full} == full and rows["ada"]["total"] == "10" and rows["ada"]["notes"] == ""
-    assert {k: rows["bob"][k] for k in full} == {**full, "kv_cache_bytes": "0"}
+    assert {k: rows["bob"][k] for k in full} == {**full, "kv_cache_bytes": "0", "compute_optimal_parameters": "0"}
     assert "kv_cache_bytes: The cache keeps keys AND values." in rows["bob"]["notes"]
+    assert "compute_optimal_parameters: raised TimeoutError: took longer than 2 s" in rows["bob"]["notes"]
     assert {k: rows["cy"][k] for k in full} == {**full, "count_parameters": "0"}
     assert "not the student's work: count_parameters uses _count (from minilm.counting" in rows["cy"]["notes"]
     assert rows["dee"]["total"] == "0" and "cannot read" in rows["dee"]["notes"] and "JSON" in rows["dee"]["notes"]
@@ -308,3 +310,19 @@ def test_a_folder_without_the_notebook_gets_a_row(tmp_path):
     (tmp_path / "eve" / "notes.txt").write_text("forgot to upload")
     (row,) = grading.grade_class(tmp_path, SECRET)
     assert row.student == "eve" and row.total == 0 and "no 12_graded_exercises.ipynb" in row.notes[0]
+
+
+def test_a_notebook_past_its_time_limit_keeps_the_functions_it_defined(tmp_path):
+    cells = [
+        "def kv_cache_bytes(n_layers, d_model, seq_len, batch_size, bytes_per_value=2):\n"
+        "    return 2 * n_layers * d_model * bytes_per_value * seq_len * batch_size\n",
+        "import time\ntime.sleep(600)\n",
+        "def count_parameters(*args):\n    return 1\n",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbformat.write(nb, tmp_path / "eve.ipynb")
+    row = grading.grade_notebook(tmp_path / "eve.ipynb", "eve", SECRET, timeout=8, call_limit=2)
+    assert row.points["kv_cache_bytes"] == 1 and row.total == 1
+    assert "cell 2 ran past the 8 s time limit" in row.notes[0]
+    assert "time limit of 8 s reached before cell 3" in row.notes[1]
+    assert row.seconds < 60
