@@ -643,7 +643,7 @@ def grade_notebook(path: Path, student: str, secret: bytes, timeout: float = 120
     try:
         nb = nbformat.read(path, as_version=4)
     except Exception as e:  # not JSON, not a notebook: the row says so, the class goes on
-        row.notes.append(f"cannot read {path.name}: {type(e).__name__}: {str(e)[:120]}")
+        row.notes.append(f"cannot read {path.name} as a notebook ({type(e).__name__}): cut off, or not a notebook")
         row.seconds = time.perf_counter() - start
         return row
     flagged = static_check(nb)

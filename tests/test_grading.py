@@ -260,7 +260,11 @@ def test_a_class_of_four_is_graded_end_to_end(tmp_path, monkeypatch, capsys):
     )
     near_miss = sols["kv_cache_bytes"].replace("2 * n_layers", "n_layers")  # keys only: half the cache
     assert near_miss != sols["kv_cache_bytes"]
-    loops = "def compute_optimal_parameters(flops):\n    while True:\n        pass\n"  # never returns
+    # never returns on the hidden configs (on the public examples it does, so the notebook itself runs)
+    loops = sols["compute_optimal_parameters"].replace(
+        "    ### BEGIN", "    while flops not in (1e21, 5.76e23):\n        pass\n    ### BEGIN"
+    )
+    assert loops != sols["compute_optimal_parameters"]
     folder = tmp_path / "submitted"  # nbgrader's layout: submitted/<student>/<assignment>/<notebook>
     for student, edits in {
         "ada": {},
