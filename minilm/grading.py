@@ -466,6 +466,8 @@ ESCAPES = frozenset(
     "__import__ importlib exec eval compile globals locals vars getattr __builtins__ builtins sys inspect gc "
     "subprocess os runpy pickle ctypes get_ipython".split()
 )
+# Anywhere in the notebook, these can define or replace a function where no def shows it.
+DEFINERS = frozenset("exec eval compile globals locals vars setattr __import__ importlib __builtins__".split())
 
 
 def _code_cells(nb) -> list[str]:
@@ -501,11 +503,13 @@ def static_check(nb, keys: Sequence[str] = tuple(BY_KEY)) -> dict[str, str]:
     defs: dict[str, list[ast.AST]] = {}
     forbidden: dict[str, str] = {}  # local name -> where it comes from
     star = False
+    definers: set[str] = set()
     for src in _code_cells(nb):
         try:
             tree = ast.parse(src)
         except SyntaxError:
             continue
+        definers |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in DEFINERS}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
@@ -562,7 +566,15 @@ def static_check(nb, keys: Sequence[str] = tuple(BY_KEY)) -> dict[str, str]:
 
     flagged = {}
     for key in keys:
-        why = "a star import from minilm hides what it calls" if star else reason(key, set())
+        if star:
+            why = "may come from a star import from minilm, which hides what it calls"
+        elif definers:
+            why = f"may be (re)defined by {', '.join(sorted(definers))}, which the check cannot follow"
+        elif key not in defs and key not in forbidden:
+            flagged[key] = f"{key}: no def in the notebook"
+            continue
+        else:
+            why = reason(key, set())
         if why:
             flagged[key] = f"not the student's work: {key} {why}"
     return flagged

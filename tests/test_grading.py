@@ -210,20 +210,26 @@ OWN = "def count_parameters(V, d, L, P, d_ff=None, bias=True, tied=True):\n    r
             True,
         ),
         (["from minilm.exercises import *\n", OWN], True),
+        ([OWN, "globals()['count_parameters'] = lambda *a: 1\n"], True),  # replaced where no def shows it
+        (["exec('def count_parameters(*a):\\n    return 1')\n"], True),
+        ([], True),  # no definition at all
+        (["%timeit 1 + 1\n", OWN], False),  # a magic is not an escape at top level
     ],
 )
 def test_static_check(cells, flagged):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     result = grading.static_check(nb, ["count_parameters"])
     assert ("count_parameters" in result) == flagged, result
-    if flagged:
+    if flagged and cells:
         assert result["count_parameters"].startswith("not the student's work")
+    if not cells:
+        assert result["count_parameters"] == "count_parameters: no def in the notebook"
 
 
 def test_static_check_ignores_imports_the_function_does_not_use():
     cells = ["from minilm.grading import check\n", OWN, "check(count_parameters)\n"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    assert grading.static_check(nb) == {}
+    assert grading.static_check(nb, ["count_parameters"]) == {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,5 +334,5 @@ def test_a_notebook_past_its_time_limit_keeps_the_functions_it_defined(tmp_path)
     row = grading.grade_notebook(tmp_path / "eve.ipynb", "eve", SECRET, timeout=8, call_limit=2)
     assert row.points["kv_cache_bytes"] == 1 and row.total == 1
     assert "cell 2 ran past the 8 s time limit" in row.notes[0]
-    assert "time limit of 8 s reached before cell 3" in row.notes[1]
+    # cell 3 runs only if time is left after the interrupt (it depends on how fast the kernel started)
     assert row.seconds < 60
