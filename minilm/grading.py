@@ -461,7 +461,8 @@ def answer_key(student_id: str, secret: str | bytes) -> dict[str, list[dict[str,
 # ---------------------------------------------------------------------------------------
 # Static check: is each function the student's own arithmetic?
 # ---------------------------------------------------------------------------------------
-ALLOWED_MINILM = ("minilm.hardware", "minilm.config")  # data (GPU peaks) and the Config type, no arithmetic
+# The GPU table is data. Nothing else: even minilm.config can count (its estimate check does).
+ALLOWED_MINILM = ("minilm.hardware",)
 ESCAPES = frozenset(
     "__import__ importlib exec eval compile globals locals vars getattr __builtins__ builtins sys inspect gc "
     "subprocess os runpy pickle ctypes get_ipython".split()
@@ -496,8 +497,8 @@ def static_check(nb, keys: Sequence[str] = tuple(BY_KEY)) -> dict[str, str]:
     """For each exercise whose function is not the student's own arithmetic: the reason why.
 
     Flags a function (or a helper it uses, followed through the notebook's top-level
-    definitions) that names something imported from minilm other than the GPU table and the
-    Config type, that is itself imported from minilm, or that uses an escape hatch
+    definitions) that names something imported from minilm other than the GPU table
+    (:mod:`minilm.hardware`), that is itself imported from minilm, or that uses an escape hatch
     (:data:`ESCAPES`) through which library code could be reached unseen.
     """
     defs: dict[str, list[ast.AST]] = {}
@@ -539,30 +540,33 @@ def static_check(nb, keys: Sequence[str] = tuple(BY_KEY)) -> dict[str, str]:
             node = node.value
         return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
 
-    def reason(name: str, seen: set[str]) -> str:
+    def reasons(name: str, seen: set[str]) -> list[str]:
+        """Everything ``name``'s definitions (and the helpers they use) reach that is not arithmetic."""
         if name in forbidden:
-            return f"{name} comes from {forbidden[name]}"
+            return [f"comes from {forbidden[name]}"]
         seen.add(name)
+        found: list[str] = []
         for definition in defs.get(name, []):
             for node in ast.walk(definition):
+                why = ""
                 if isinstance(node, ast.Attribute):
                     chain = attribute_chain(node)
                     if chain.startswith("minilm.") and not _allowed(chain):
-                        return f"uses {chain}"
-                if isinstance(node, ast.Name):
+                        why = f"uses {chain}"
+                elif isinstance(node, ast.Name):
                     if node.id in forbidden:
-                        return f"uses {node.id} (from {forbidden[node.id]})"
-                    if node.id in ESCAPES:
-                        return f"uses {node.id}, through which library code could be reached unseen"
-                    if node.id in defs and node.id not in seen:
-                        why = reason(node.id, seen)
-                        if why:
-                            return f"{why} (via {node.id})"
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        why = f"uses {node.id} (from {forbidden[node.id]})"
+                    elif node.id in ESCAPES:
+                        why = f"uses {node.id}, through which library code could be reached unseen"
+                    elif node.id in defs and node.id not in seen:
+                        found += [f"{w} (via {node.id})" for w in reasons(node.id, seen)]
+                elif isinstance(node, (ast.Import, ast.ImportFrom)):
                     module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
                     if _is_minilm(module) and not _allowed(module):
-                        return f"imports {module}"
-        return ""
+                        why = f"imports {module}"
+                if why and why not in found:
+                    found.append(why)
+        return found
 
     flagged = {}
     for key in keys:
@@ -574,7 +578,7 @@ def static_check(nb, keys: Sequence[str] = tuple(BY_KEY)) -> dict[str, str]:
             flagged[key] = f"{key}: no def in the notebook"
             continue
         else:
-            why = reason(key, set())
+            why = ", ".join(reasons(key, set()))
         if why:
             flagged[key] = f"not the student's work: {key} {why}"
     return flagged

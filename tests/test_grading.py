@@ -201,6 +201,7 @@ OWN = "def count_parameters(V, d, L, P, d_ff=None, bias=True, tied=True):\n    r
         (["import minilm\n", OWN.replace("V * d", "minilm.counting.count_parameters(V)")], True),
         ([OWN.replace("V * d", "__import__('minilm.counting').counting.count_parameters(V)")], True),
         ([OWN.replace("V * d", "eval('V * d')")], True),
+        (["from minilm.config import check_estimated_parameters as c\n", OWN.replace("V * d", "c(V)")], True),
         (
             [
                 "from minilm.grading import ref_count_parameters as r\n",
@@ -297,7 +298,8 @@ def test_a_class_of_four_is_graded_end_to_end(tmp_path, monkeypatch, capsys):
     assert "kv_cache_bytes: The cache keeps keys AND values." in rows["bob"]["notes"]
     assert "compute_optimal_parameters: raised TimeoutError: took longer than 2 s" in rows["bob"]["notes"]
     assert {k: rows["cy"][k] for k in full} == {**full, "count_parameters": "0"}
-    assert "not the student's work: count_parameters uses _count (from minilm.counting" in rows["cy"]["notes"]
+    assert "not the student's work: count_parameters uses" in rows["cy"]["notes"]
+    assert "_count (from minilm.counting.count_parameters)" in rows["cy"]["notes"]
     assert rows["dee"]["total"] == "0" and "cannot read" in rows["dee"]["notes"] and "JSON" in rows["dee"]["notes"]
     assert all(r["max"] == "10" for r in rows.values())
     assert (tmp_path / "grades.png").stat().st_size > 10_000  # the summary plot
