@@ -800,6 +800,7 @@ def plot_summary(rows: Sequence[Row], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     share = [sum(r.points[k] > 0 for r in rows) / max(len(rows), 1) for k in BY_KEY]
@@ -810,6 +811,7 @@ def plot_summary(rows: Sequence[Row], path: Path) -> None:
     right.hist([r.total for r in rows], bins=range(MAX_POINTS + 2), align="left", rwidth=0.8, color="tab:green")
     right.set_xlabel(f"total points (of {MAX_POINTS})")
     right.set_ylabel("students")
+    right.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(f"{ASSIGNMENT}: {len(rows)} submissions")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
