@@ -317,11 +317,14 @@ def test_grade_refuses_to_run_without_a_secret(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and grading.SECRET_ENV in capsys.readouterr().err
 
 
-def test_a_folder_without_the_notebook_gets_a_row(tmp_path):
-    (tmp_path / "eve").mkdir()
-    (tmp_path / "eve" / "notes.txt").write_text("forgot to upload")
-    (row,) = grading.grade_class(tmp_path, SECRET)
-    assert row.student == "eve" and row.total == 0 and "no 12_graded_exercises.ipynb" in row.notes[0]
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_folder_without_the_notebook_gets_a_row(tmp_path, jobs):
+    for student in ("eve", "fay"):
+        (tmp_path / student).mkdir()
+        (tmp_path / student / "notes.txt").write_text("forgot to upload")
+    rows = grading.grade_class(tmp_path, SECRET, jobs=jobs)
+    assert [r.student for r in rows] == ["eve", "fay"]
+    assert all(r.total == 0 and "no 12_graded_exercises.ipynb" in r.notes[0] for r in rows)
 
 
 def test_a_notebook_past_its_time_limit_keeps_the_functions_it_defined(tmp_path):
