@@ -18,6 +18,7 @@ command does::
     minilm sample --checkpoint outputs/tiny/checkpoint-600 --prompt "ROMEO:" --max_new_tokens 200
     python train.py sample --checkpoint outputs/tiny        # the newest checkpoint in a folder
     minilm export --checkpoint outputs/tiny --out hf/tiny   # a Hugging Face GPT2LMHeadModel folder
+    minilm grade submitted/ --out grades.csv                # grade a class (minilm.grading)
 
 Every config field is also a flag (``--<field> VALUE``) that overrides the file; a bad
 value exits with status 2 and a message naming the field. Exit status of a training
@@ -50,7 +51,7 @@ from minilm.counting import parameter_table
 from minilm.data import DataError
 from minilm.tokenizer import TokenizerError
 
-COMMANDS = ("train", "sample", "generate", "export")
+COMMANDS = ("train", "sample", "generate", "export", "grade")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -102,7 +103,7 @@ def sample_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``train.py`` and of the ``minilm`` command; returns the exit status.
 
-    ``argv[0]`` may name a command (train, sample, generate, export); without one, it is train,
+    ``argv[0]`` may name a command (train, sample, generate, export, grade); without one, it is train,
     so ``python train.py --config ...`` reads exactly as in the design.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from minilm.export import run_export
 
         return run_export(argv)
+    if command == "grade":  # `minilm grade SUBMISSIONS_DIR --out grades.csv`: the gradebook, see minilm.grading
+        from minilm.grading import main as grade_main
+
+        return grade_main(argv)
     return run_sample(argv)
 
 

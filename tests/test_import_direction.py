@@ -34,7 +34,7 @@ LAYERS = {
         "cli",
     },
     # teaching with it
-    "classroom": {"exercises", "widgets", "questions", "colab"},
+    "classroom": {"exercises", "widgets", "questions", "colab", "grading"},
 }
 RANK = {module: i for i, layer in enumerate(LAYERS.values()) for module in layer}
 
