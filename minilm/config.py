@@ -24,6 +24,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from minilm.counting import count_parameters
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the field."""
@@ -135,12 +137,12 @@ class Config:
     device: str = _f(
         "auto",
         "system",
-        "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
+        "'auto' (cuda if available, else mps, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps' (Apple GPU).",
         # Exactly what minilm.distributed.local_device resolves. Checked here so that a typo such as
         # 'gpu' is a ConfigError naming the field when the config loads, not a torch RuntimeError at
         # the start of training. torch itself rejects 'cuda:01', hence no leading zeros in N.
-        pattern=r"auto|cpu|cuda(:(0|[1-9][0-9]*))?",
-        pattern_help="one of 'auto', 'cpu', 'cuda', or 'cuda:N' with N a GPU index (0, 1, ...)",
+        pattern=r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?",
+        pattern_help="one of 'auto', 'cpu', 'cuda', 'cuda:N' with N a GPU index (0, 1, ...), or 'mps' (Apple GPU)",
     )
     output_dir: str = _f("outputs", "system", "Where checkpoints, logs and the tokenizer are written.")
 
@@ -158,6 +160,16 @@ class Config:
         return self.d_model // self.n_heads
 
     @property
+    def precision(self) -> str:
+        """The precision asked for: 'bf16', 'fp16' or 'fp32' (what runs also depends on the hardware)."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def precision_label(self) -> str:
+        """'bf16 autocast', 'fp16 autocast' or 'fp32': the precision asked for, in words."""
+        return "fp32" if self.precision == "fp32" else f"{self.precision} autocast"
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens consumed by one optimizer step across all processes."""
         return self.batch_size * self.grad_accumulation_steps * self.world_size * self.max_seq_len
@@ -173,6 +185,22 @@ class Config:
         """Write the config as indented JSON (the same flat format :func:`load_config` reads)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+
+# Fields that fix the network's shape or its token ids: a checkpoint only fits a config that agrees.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "d_ff",
+    "max_seq_len",
+    "bias",
+    "tie_embeddings",
+    "activation",
+    "tokenizer",
+    "dataset",
+    "val_fraction",
+)
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
@@ -335,8 +363,6 @@ def check_estimated_parameters(cfg: Config, *, source: str = "config", tolerance
     """
     if cfg.estimated_parameters is None:
         return None
-    from minilm.counting import count_parameters  # counting imports config; import late
-
     true = count_parameters(cfg).total
     stated = cfg.estimated_parameters
     if abs(stated - true) > tolerance * true:
