@@ -49,10 +49,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.counting import count_parameters, format_count  # noqa: E402
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at  # noqa: E402
-from minilm.hardware import ACCELERATORS  # noqa: E402
+from minilm.hardware import ACCELERATORS, datasheet_name  # noqa: E402
 from minilm.memory import GB, estimate_training_memory  # noqa: E402
 from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
-from minilm.trainer import datasheet_name  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,10 +79,6 @@ def shipped(name: str) -> Config:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_config(ROOT / "configs" / "training" / f"{name}_model.json")
-
-
-def precision_of(cfg: Config) -> str:
-    return "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
 
 
 def with_precision(cfg: Config, precision: str, checkpointing: bool | None = None) -> Config:
@@ -181,7 +176,7 @@ def render_memory() -> list[str]:
     rows = []
     for name in CONFIGS:
         cfg = shipped(name)
-        own = (precision_of(cfg), cfg.gradient_checkpointing)
+        own = (cfg.precision, cfg.gradient_checkpointing)
         row = [
             f"`{name}`",
             f"{cfg.batch_size} × {cfg.max_seq_len}" + (f" (× {cfg.world_size})" if cfg.world_size > 1 else ""),
@@ -242,7 +237,7 @@ def render_time() -> list[str]:
 
 def _verdict_memory(name: str) -> str:
     cfg = shipped(name)
-    est = memory_gib(cfg, precision_of(cfg), cfg.gradient_checkpointing)
+    est = memory_gib(cfg, cfg.precision, cfg.gradient_checkpointing)
     claimed = float(DESIGN_TABLE[name]["memory"].split()[0])
     ratio = claimed / est
     verdict = "consistent" if abs(ratio - 1) <= 0.15 else f"the claim is {ratio:.1f}× the estimate"

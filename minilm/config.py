@@ -158,6 +158,16 @@ class Config:
         return self.d_model // self.n_heads
 
     @property
+    def precision(self) -> str:
+        """The precision asked for: 'bf16', 'fp16' or 'fp32' (what runs also depends on the hardware)."""
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def precision_label(self) -> str:
+        """'bf16 autocast', 'fp16 autocast' or 'fp32': the precision asked for, in words."""
+        return "fp32" if self.precision == "fp32" else f"{self.precision} autocast"
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens consumed by one optimizer step across all processes."""
         return self.batch_size * self.grad_accumulation_steps * self.world_size * self.max_seq_len
@@ -173,6 +183,22 @@ class Config:
         """Write the config as indented JSON (the same flat format :func:`load_config` reads)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+
+# Fields that fix the network's shape or its token ids: a checkpoint only fits a config that agrees.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "d_ff",
+    "max_seq_len",
+    "bias",
+    "tie_embeddings",
+    "activation",
+    "tokenizer",
+    "dataset",
+    "val_fraction",
+)
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)

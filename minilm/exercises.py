@@ -189,7 +189,7 @@ def _shape(cfg: Config) -> str:
 
 
 def _training(cfg: Config) -> str:
-    precision = "bf16 autocast" if cfg.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
+    precision = cfg.precision_label
     return f"batch_size = {cfg.batch_size}, sequence length = max_seq_len, {precision}"
 
 

@@ -154,7 +154,7 @@ def _peak(peak_flops: float | str, cfg: Config) -> float:
     if isinstance(peak_flops, str):
         from minilm.hardware import peak_flops as lookup
 
-        return lookup(peak_flops, "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
+        return lookup(peak_flops, cfg.precision)
     return float(peak_flops)
 
 

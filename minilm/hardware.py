@@ -15,6 +15,7 @@ fp16-accumulate rate the marketing figure quotes.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -146,3 +147,54 @@ def measure_matmul_flops(
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
     return 2 * size**3 / best
+
+
+# CUDA device names of the cards in ACCELERATORS, without vendor words ('NVIDIA',
+# 'Tesla', 'GeForce') and memory ('80GB', 'HBM3'). Only these exact models map: a variant of the same
+# chip (H100 NVL, V100 PCIe, RTX 4090 D, a laptop GPU, a MIG slice) has other peaks than the listed
+# card, so it gets None and the trainer measures its peak instead of dividing by a wrong one.
+_DATASHEET_NAMES = {
+    "H200": "H200 SXM",  # 'NVIDIA H200'
+    "H100": "H100 SXM",  # 'NVIDIA H100 80GB HBM3'
+    "H100 PCIE": "H100 PCIe",
+    "A100": "A100",  # the three A100 forms share their peaks; 40GB or 80GB by memory, below
+    "A100 SXM4": "A100",
+    "A100 PCIE": "A100",
+    "L4": "L4",
+    "RTX 4090": "RTX 4090",
+    "RTX 3090": "RTX 3090",
+    "V100 SXM2": "V100 SXM2",  # the PCIe V100 runs at lower clocks: not this entry
+    "T4": "T4",
+}
+_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE"}
+
+
+def datasheet_name(gpu_name: str) -> str | None:
+    """The :data:`ACCELERATORS` entry for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100 SXM'.
+
+    None for any card that is not exactly a listed one (see ``_DATASHEET_NAMES``).
+    """
+    words = re.split(r"[\s_-]+", gpu_name.upper().strip())
+    memory = [w for w in words if re.fullmatch(r"\d+GB", w)]
+    model = " ".join(w for w in words if w not in _VENDOR_WORDS and not re.fullmatch(r"\d+GB|HBM\w*", w))
+    name = _DATASHEET_NAMES.get(model)
+    if name == "A100":
+        return "A100 80GB" if "80GB" in memory else "A100 40GB"
+    return name
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype | None) -> tuple[float | None, str]:
+    """One device's dense peak FLOP/s at the precision the matmuls run in, and where the figure comes from.
+
+    A GPU in :data:`ACCELERATORS` uses its datasheet peak; any other GPU is
+    measured on the spot (a large matmul, a fraction of a second). CPUs: (None, ''): their
+    practical peak depends on what else runs, so the trainer reports tokens/s and FLOP/s only.
+    """
+    if device.type != "cuda":
+        return None, ""
+    precision_key = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = datasheet_name(torch.cuda.get_device_name(device))
+    if name is not None:
+        return peak_flops(name, precision_key), f"{name} {precision_key} datasheet peak"
+    measured = measure_matmul_flops(dtype or torch.float32, size=4096, device=device)
+    return measured, f"measured {precision_key} matmul peak"

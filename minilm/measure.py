@@ -32,7 +32,6 @@ shows more (see :data:`minilm.memory.NOT_COUNTED`).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -42,9 +41,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from minilm import step
 from minilm.config import Config
-from minilm.memory import OPTIMIZER_IMPLS
 from minilm.model import GPT
+from minilm.optim import make_optimizer
+from minilm.precision import autocast_context, requested_dtype
 
 # The cases the memory estimate is validated on: tests/test_memory.py asserts them (within
 # 10%), benchmarks/estimator_accuracy.py prints them. Shapes are tiny so the checks are fast,
@@ -150,33 +151,6 @@ class MeasuredMemory:
     timeline: list[tuple[str, str, int]] | None = None  # CPU with record=True: (phase, operator, live bytes)
 
 
-def _autocast_dtype(cfg: Config) -> torch.dtype | None:
-    """The autocast dtype the config asks for: bf16, fp16, or None (plain fp32).
-
-    As asked, whatever the hardware: the trainer (:func:`minilm.precision.autocast_dtype`)
-    may run fp32 on a CPU without native bf16, but the memory question is about the config.
-    """
-    return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, impl: str = "fused") -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (as :mod:`minilm.trainer`); ``impl`` picks the kernels.
-
-    The implementation changes the step's temporary memory, not the result: foreach
-    builds one temporary per parameter for the whole model at once (4 bytes/parameter in
-    fp32), the for-loop one parameter at a time, fused none.
-    """
-    if impl not in OPTIMIZER_IMPLS:
-        raise ValueError(f"optimizer impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    flags = {"foreach": {"foreach": True}, "for-loop": {"foreach": False}, "fused": {"fused": True}}[impl]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **flags)
-
-
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
     for state in opt.state.values():
         for v in state.values():
@@ -194,38 +168,22 @@ def _one_step(
     opt: torch.optim.Optimizer,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     cfg: Config,
-    scaler: torch.amp.GradScaler | None,
+    scaler: torch.amp.GradScaler,
     set_phase: Callable[[str], None],
     keep_logits: bool = False,
 ) -> None:
-    """One optimizer step as minilm's trainer runs it: micro-batches, clipping, AdamW, zero_grad."""
-    device_type = batches[0][0].device.type
-    dtype = _autocast_dtype(cfg)
-    logits = None
-    for idx, targets in batches:
-        set_phase("forward")
-        ctx = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
-            if keep_logits:  # `logits, loss = model(x, y)`: the logits stay alive through backward
-                logits, loss = model(idx, targets)
-            else:  # index the tuple, so nothing holds the logits once the loss is computed
-                loss = model(idx, targets)[1]
-            loss = loss / cfg.grad_accumulation_steps
-        set_phase("backward")
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        del loss
-    del logits
+    """One optimizer step through :mod:`minilm.step`, the trainer's own step, in the precision asked.
+
+    As asked, whatever the hardware: the trainer may run fp32 on a CPU without native bf16
+    (:func:`minilm.precision.autocast_dtype`), but the memory question is about the config.
+    It runs the first two of the config's micro-batches (later ones repeat the second).
+    """
+    device = batches[0][0].device
+    autocast = autocast_context(device, requested_dtype(cfg))
+    step.accumulate_gradients(model, batches, autocast, scaler, keep_logits=keep_logits, set_phase=set_phase)
     set_phase("optimizer")
-    if scaler is not None:
-        scaler.unscale_(opt)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    step.clip_gradients(list(model.parameters()), opt, scaler, cfg.grad_clip)
+    step.optimizer_step(opt, scaler)
 
 
 def _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits):
@@ -236,8 +194,8 @@ def _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits):
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     model.train()
-    opt = make_optimizer(model, cfg, optimizer)
-    scaler = torch.amp.GradScaler(device.type) if cfg.fp16 else None
+    opt = make_optimizer(model, cfg, impl=optimizer, verbose=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
     gen = torch.Generator().manual_seed(seed)
     batches = [
         tuple(torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device) for _ in range(2))

@@ -93,10 +93,6 @@ torch.cuda.max_memory_allocated(), which is what this estimate predicts. Leave
 OPTIMIZER_IMPLS = ("foreach", "for-loop", "fused")
 
 
-def precision_name(cfg: Config) -> str:
-    return "bf16 autocast" if cfg.bf16 else "fp16 autocast" if cfg.fp16 else "fp32"
-
-
 @dataclass(frozen=True)
 class LayerActivations:
     """Bytes one transformer block saves for its backward pass (as saved without checkpointing)."""
@@ -497,7 +493,7 @@ def estimate_training_memory(
     return MemoryEstimate(
         batch_size=b,
         seq_len=s,
-        precision=precision_name(cfg),
+        precision=cfg.precision_label,
         gradient_checkpointing=cfg.gradient_checkpointing,
         optimizer=optimizer,
         device_type=device_type,

@@ -86,6 +86,11 @@ def autocast_dtype(cfg: Config, device: torch.device | str, cpu_bf16: bool | Non
     return torch.bfloat16 if cfg.bf16 else torch.float16  # other accelerators: as asked
 
 
+def requested_dtype(cfg: Config) -> torch.dtype | None:
+    """The autocast dtype the config asks for, whatever the hardware: bf16, fp16, or None (fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+
+
 def autocast_context(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``, or a do-nothing context for fp32 (dtype None)."""
     if dtype is None:
@@ -97,7 +102,7 @@ def describe_precision(cfg: Config, device: torch.device | str, cpu_bf16: bool |
     """One line for the log: what runs, and why (e.g. a bf16 request on a CPU without bf16)."""
     dtype = autocast_dtype(cfg, device, cpu_bf16)
     kind = _device_type(device)
-    asked = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32"
+    asked = cfg.precision
     if dtype is None:
         if asked == "fp32":
             return "fp32"
@@ -110,3 +115,19 @@ def describe_precision(cfg: Config, device: torch.device | str, cpu_bf16: bool |
     if name != asked:
         return f"{name} autocast ({asked} requested; {kind} runs {name}){note}"
     return f"{name} autocast{note}"
+
+
+def mixed_precision(
+    cfg: Config, device: torch.device, cpu_bf16: bool | None = None
+) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler, str]:
+    """The precision switch: (context to run forward passes in, gradient scaler, description).
+
+    fp32: ``nullcontext()``; bf16 / fp16: ``torch.autocast`` (:func:`autocast_dtype` picks the
+    dtype from the config and the hardware). The scaler multiplies the loss before backward
+    so small fp16 gradients do not underflow, and skips steps whose gradients overflowed; it
+    is a pass-through for anything but fp16.
+    """
+    dtype = autocast_dtype(cfg, device, cpu_bf16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    name = describe_precision(cfg, device, cpu_bf16) + (" + gradient scaler" if scaler.is_enabled() else "")
+    return autocast_context(device, dtype), scaler, name

@@ -453,9 +453,7 @@ def design_claims_table(
     rows = []
     for c in checks:
         cfg = c.config
-        prec = ("bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32") + (
-            " + ckpt" if cfg.gradient_checkpointing else ""
-        )
+        prec = cfg.precision + (" + ckpt" if cfg.gradient_checkpointing else "")
         row = [
             c.name,
             f"{format_count(c.n_parameters)} ({c.design_label})",

@@ -37,12 +37,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,15 +51,18 @@ from tqdm.auto import tqdm
 
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
+from minilm import step as one_step
 from minilm.checkpoint import CheckpointError
-from minilm.config import Config
+from minilm.config import SHAPE_FIELDS, Config
 from minilm.counting import parameter_table
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
 from minilm.flops import flops_per_token
+from minilm.flops import mfu as model_flops_utilisation
 from minilm.generation import generate_text  # re-exported: minilm.trainer.generate_text still works
-from minilm.hardware import measure_matmul_flops, peak_flops
+from minilm.hardware import device_peak_flops
 from minilm.model import GPT
-from minilm.precision import autocast_context, autocast_dtype, describe_precision
+from minilm.optim import default_impl, lr_at, make_optimizer
+from minilm.precision import autocast_dtype, mixed_precision
 
 NOT_CONVERGING_ADVICE = (
     "The design's advice when training does not converge: halve the learning rate (--learning_rate), "
@@ -69,136 +70,8 @@ NOT_CONVERGING_ADVICE = (
     "and check the data."
 )
 
-# Fields that fix the network's shape or its token ids: a checkpoint only fits a config that agrees.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "n_heads",
-    "n_layers",
-    "d_ff",
-    "max_seq_len",
-    "bias",
-    "tie_embeddings",
-    "activation",
-    "tokenizer",
-    "dataset",
-    "val_fraction",
-)
-
 EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_checkpoint", "on_train_end")
 Callback = Callable[["Trainer", dict], None]
-
-
-# ---------------------------------------------------------------------------------------
-# Schedule and optimizer
-# ---------------------------------------------------------------------------------------
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine decay.
-
-    Warmup climbs linearly to ``learning_rate`` over ``warmup_steps`` steps (step
-    ``warmup_steps - 1`` uses the full rate). Then the rate follows half a cosine from
-    ``learning_rate`` down to ``learning_rate * min_lr_ratio`` at ``max_steps``.
-    """
-    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
-
-
-def make_optimizer(model: nn.Module, cfg: Config, device: torch.device, verbose: bool = True) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices (dim >= 2), none on biases and norms.
-
-    Decaying a matrix pulls its weights toward zero, a regulariser; decaying a bias or a
-    LayerNorm gain would only shift or shrink activations. The fused kernel (one launch
-    for all parameters, on CUDA and CPU) is used where this torch has it.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    # minGPT's check: every trainable parameter is in exactly one group.
-    ids_decay, ids_no_decay = {id(p) for p in decay}, {id(p) for p in no_decay}
-    assert not ids_decay & ids_no_decay, "a parameter is in both weight-decay groups"
-    assert ids_decay | ids_no_decay == {id(p) for p in params}, "a parameter is in no weight-decay group"
-    if verbose:
-        print(
-            f"AdamW: weight decay {cfg.weight_decay} on {len(decay)} matrices "
-            f"({sum(p.numel() for p in decay):,} parameters); none on {len(no_decay)} biases and norms "
-            f"({sum(p.numel() for p in no_decay):,} parameters)"
-        )
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-def precision(
-    cfg: Config, device: torch.device, cpu_bf16: bool | None = None
-) -> tuple[AbstractContextManager, torch.amp.GradScaler, str]:
-    """The precision switch: (context to run forward passes in, gradient scaler, description).
-
-    fp32: ``nullcontext()``; bf16 / fp16: ``torch.autocast`` (:mod:`minilm.precision` picks the
-    dtype from the config and the hardware). The scaler multiplies the loss before backward
-    so small fp16 gradients do not underflow, and skips steps whose gradients overflowed; it
-    is a pass-through for anything but fp16.
-    """
-    dtype = autocast_dtype(cfg, device, cpu_bf16)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    name = describe_precision(cfg, device, cpu_bf16) + (" + gradient scaler" if scaler.is_enabled() else "")
-    return autocast_context(device, dtype), scaler, name
-
-
-# CUDA device names of the cards in minilm.hardware.ACCELERATORS, without vendor words ('NVIDIA',
-# 'Tesla', 'GeForce') and memory ('80GB', 'HBM3'). Only these exact models map: a variant of the same
-# chip (H100 NVL, V100 PCIe, RTX 4090 D, a laptop GPU, a MIG slice) has other peaks than the listed
-# card, so it gets None and the trainer measures its peak instead of dividing by a wrong one.
-_DATASHEET_NAMES = {
-    "H200": "H200 SXM",  # 'NVIDIA H200'
-    "H100": "H100 SXM",  # 'NVIDIA H100 80GB HBM3'
-    "H100 PCIE": "H100 PCIe",
-    "A100": "A100",  # the three A100 forms share their peaks; 40GB or 80GB by memory, below
-    "A100 SXM4": "A100",
-    "A100 PCIE": "A100",
-    "L4": "L4",
-    "RTX 4090": "RTX 4090",
-    "RTX 3090": "RTX 3090",
-    "V100 SXM2": "V100 SXM2",  # the PCIe V100 runs at lower clocks: not this entry
-    "T4": "T4",
-}
-_VENDOR_WORDS = {"NVIDIA", "TESLA", "GEFORCE"}
-
-
-def datasheet_name(gpu_name: str) -> str | None:
-    """The :mod:`minilm.hardware` entry for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100 SXM'.
-
-    None for any card that is not exactly a listed one (see ``_DATASHEET_NAMES``).
-    """
-    words = re.split(r"[\s_-]+", gpu_name.upper().strip())
-    memory = [w for w in words if re.fullmatch(r"\d+GB", w)]
-    model = " ".join(w for w in words if w not in _VENDOR_WORDS and not re.fullmatch(r"\d+GB|HBM\w*", w))
-    name = _DATASHEET_NAMES.get(model)
-    if name == "A100":
-        return "A100 80GB" if "80GB" in memory else "A100 40GB"
-    return name
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype | None) -> tuple[float | None, str]:
-    """One device's dense peak FLOP/s at the precision the matmuls run in, and where the figure comes from.
-
-    A GPU in :data:`minilm.hardware.ACCELERATORS` uses its datasheet peak; any other GPU is
-    measured on the spot (a large matmul, a fraction of a second). CPUs: (None, ''): their
-    practical peak depends on what else runs, so the trainer reports tokens/s and FLOP/s only.
-    """
-    if device.type != "cuda":
-        return None, ""
-    precision_key = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    name = datasheet_name(torch.cuda.get_device_name(device))
-    if name is not None:
-        return peak_flops(name, precision_key), f"{name} {precision_key} datasheet peak"
-    measured = measure_matmul_flops(dtype or torch.float32, size=4096, device=device)
-    return measured, f"measured {precision_key} matmul peak"
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,18 +88,46 @@ class TrainResult:
     val_perplexity: float | None  # exp(val_loss)
     val_step: int | None  # the step at which val_loss was measured
     unigram_loss: float | None  # validation loss of "predict by token frequency": the bar to beat
-    tokens_per_s: float  # training tokens per second of step time (all processes together)
+    tokens_per_s: float  # training tokens per second of step time (all processes), warm-up step excluded
     mfu: float | None  # model FLOPs utilisation (0-1) against the GPU's peak; None on a CPU
     wall_time_s: float  # seconds from the start of train() to the end, evaluation and saving included
     checkpoint: Path | None  # the last checkpoint saved (after a non-finite loss: the last good one)
     sample: str | None  # text generated at the end
     message: str = ""  # why the run stopped, in words
     history: list[dict] = field(default_factory=list)  # every metrics.jsonl record of the run
+    warmup_s: float = 0.0  # seconds of the first step, kept out of tokens_per_s (with compile: compiling)
 
     @property
     def losses(self) -> list[float]:
         """Training loss of every step, in order."""
         return [r["loss"] for r in self.history if r["kind"] == "train"]
+
+
+@dataclass
+class _StepClock:
+    """Step time and tokens, with the first step of a run kept apart: it pays for warm-up
+    (allocations, kernel selection and, with ``compile``, compilation), not for training."""
+
+    start: float  # perf_counter() when train() began
+    warmup_s: float = 0.0
+    steps: int = 0
+    time_s: float = 0.0  # steps after the first
+    tokens: int = 0
+    first_tokens: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        if self.steps == 0:
+            self.warmup_s, self.first_tokens = seconds, tokens
+        else:
+            self.time_s, self.tokens = self.time_s + seconds, self.tokens + tokens
+        self.steps += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Steady-state throughput; a run of one step has only its warm-up step to go by."""
+        if self.time_s > 0:
+            return self.tokens / self.time_s
+        return self.first_tokens / self.warmup_s if self.warmup_s > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,38 +180,10 @@ class Trainer:
         for event, fn in items:
             self.add_callback(event, fn)
 
-        # Data: rank 0 tokenizes and caches first; the others then read the cache.
-        if not self.is_main:
-            dist_utils.barrier(self.dist)
-        self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(cfg, cache_dir)
-        if self.is_main:
-            dist_utils.barrier(self.dist)
-        self.sampler = BatchSampler(
-            self.train_tokens,
-            cfg.batch_size,
-            cfg.max_seq_len,
-            seed=cfg.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            num_workers=cfg.num_workers,
-            pin_memory=cfg.pin_memory and self.device.type == "cuda",
-        )
-        self.val_batches = eval_batches(
-            self.val_tokens, cfg.batch_size, cfg.max_seq_len, cfg.eval_batches, self.dist.rank, self.dist.world_size
-        )
-
-        self.unigram_loss = unigram_baseline(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
-
-        # Model, optimizer, precision. Every rank seeds alike, so all start from the same weights.
-        # (The ranks then also draw the same dropout masks, on different data: one RNG state,
-        # rank 0's, is then the state of every rank, which keeps a DDP resume exact.)
-        torch.manual_seed(cfg.seed)
-        self.raw_model = GPT(cfg).to(self.device)  # the plain module: its state dict is what we save
-        self.autocast, self.scaler, self.precision_name = precision(cfg, self.device, cpu_bf16)
-        self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
-        self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device, cpu_bf16))
+        self._setup_data(cache_dir)
+        self._setup_model(cpu_bf16)
         self._print_header()
-        self.optimizer = make_optimizer(self.raw_model, cfg, self.device, verbose=self.verbose)
+        self.optimizer = make_optimizer(self.raw_model, cfg, impl=default_impl(self.device), verbose=self.verbose)
         self.step = 0  # optimizer steps taken
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
@@ -328,6 +201,41 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)  # state dicts still come from raw_model: no _orig_mod.
         self.model = dist_utils.wrap(self.model, self.dist, self.device)
+
+    def _setup_data(self, cache_dir: str | Path | None) -> None:
+        """Tokenize (rank 0 first, into the cache; the others then read it), the sampler, the eval batches."""
+        cfg, dist = self.cfg, self.dist
+        if not self.is_main:
+            dist_utils.barrier(dist)
+        self.tokenizer, self.train_tokens, self.val_tokens = prepare_data(cfg, cache_dir)
+        if self.is_main:
+            dist_utils.barrier(dist)
+        self.sampler = BatchSampler(
+            self.train_tokens,
+            cfg.batch_size,
+            cfg.max_seq_len,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory and self.device.type == "cuda",
+        )
+        self.val_batches = eval_batches(
+            self.val_tokens, cfg.batch_size, cfg.max_seq_len, cfg.eval_batches, dist.rank, dist.world_size
+        )
+        self.unigram_loss = unigram_baseline(self.train_tokens, self.val_tokens, self.tokenizer.vocab_size)
+
+    def _setup_model(self, cpu_bf16: bool | None) -> None:
+        """The model, the precision switch, and the FLOP figures MFU is measured with."""
+        cfg = self.cfg
+        # Every rank seeds alike, so all start from the same weights. (The ranks then also draw the
+        # same dropout masks, on different data: one RNG state, rank 0's, is then the state of
+        # every rank, which keeps a DDP resume exact.)
+        torch.manual_seed(cfg.seed)
+        self.raw_model = GPT(cfg).to(self.device)  # the plain module: its state dict is what we save
+        self.autocast, self.scaler, self.precision_name = mixed_precision(cfg, self.device, cpu_bf16)
+        self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
+        self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device, cpu_bf16))
 
     # -- callbacks and control ---------------------------------------------------------
     def add_callback(self, event: str, fn: Callback) -> None:
@@ -351,13 +259,15 @@ class Trainer:
         dist_utils.cleanup(self.dist)
 
     def mfu(self, tokens_per_s: float) -> float | None:
-        """Model FLOPs utilisation of a throughput (all processes): model FLOP/s over the devices' peak."""
+        """Model FLOPs utilisation of a throughput (all processes) against the devices' peak; None on a CPU."""
         if not self.peak_flops:
             return None
-        return tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        return model_flops_utilisation(tokens_per_s, self.cfg, self.peak_flops, self.dist.world_size)
 
     def _stop_requested(self) -> bool:
         """Whether any rank was asked to stop (a signal may reach only some): all ranks must agree."""
+        if not self.dist.enabled:
+            return self._stop_reason is not None  # one process: no collective, no device round trip
         flag = torch.tensor(float(self._stop_reason is not None), device=self.device)
         return float(dist_utils.all_reduce_sum(flag, self.dist)) > 0
 
@@ -375,37 +285,22 @@ class Trainer:
         ]
 
     def compute_gradients(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward and backward over the micro-batches; gradients accumulate in ``.grad``.
+        """Forward and backward over the micro-batches (:func:`minilm.step.accumulate_gradients`).
 
-        Each loss is divided by the number of micro-batches, so the gradient is that of the
-        mean loss over all of them: k micro-batches of B sequences give the gradient of one
-        batch of k·B. Under DDP only the last backward all-reduces (``no_sync`` on the others),
-        leaving the gradient averaged over ranks too. Returns this rank's mean loss (detached).
+        k micro-batches of B sequences give the gradient of one batch of k·B; under DDP only
+        the last backward all-reduces. Returns this rank's mean loss (a detached device scalar).
         """
-        k = len(micro_batches)
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro_batches):
-            last = i == k - 1
-            sync = nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
-            with sync:
-                with self.autocast:
-                    # Keep only the loss: holding the (B, T, V) logits through backward costs B·T·V·e bytes.
-                    loss = self.model(x, y)[1]
-                self.scaler.scale(loss / k).backward()
-            total += loss.detach().float()
-        return total / k
+        no_sync = self.model.no_sync if self.dist.enabled else None
+        return one_step.accumulate_gradients(self.model, micro_batches, self.autocast, self.scaler, no_sync=no_sync)
 
-    def clip_gradients(self) -> float:
-        """Unscale (fp16 only) and clip the global gradient norm; returns the norm before clipping."""
-        self.scaler.unscale_(self.optimizer)  # no-op unless fp16: clipping must see the true gradients
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm))
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale (fp16 only) and clip the global gradient norm; returns the norm before clipping (device scalar)."""
+        params = list(self.raw_model.parameters())
+        return one_step.clip_gradients(params, self.optimizer, self.scaler, self.cfg.grad_clip)
 
     def optimizer_step(self) -> None:
         """AdamW step (fp16: skipped by the scaler when gradients overflowed), then zero the gradients."""
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        one_step.optimizer_step(self.optimizer, self.scaler)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -553,7 +448,7 @@ class Trainer:
         change, without saving, so the last checkpoint on disk is the last good one.
         """
         cfg = self.cfg
-        t_start = time.perf_counter()
+        self._clock = _StepClock(time.perf_counter())
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"training steps {self.step} -> {cfg.max_steps}; metrics in {self.metrics_path}")
@@ -561,107 +456,127 @@ class Trainer:
         restore = self._install_signal_handlers()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         status, message = "completed", f"reached max_steps={cfg.max_steps}"
-        train_time, train_tokens = 0.0, 0
-        loss_value: float | None = None
-        last_eval = next((r for r in reversed(self.history) if r["kind"] == "eval"), None)  # after a resume
+        self._last_loss: float | None = None
+        self._last_eval = next((r for r in reversed(self.history) if r["kind"] == "eval"), None)  # after a resume
         self.raw_model.train()
         self._boundary = self._data_position()
         try:
             while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
-                lr = lr_at(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss = self.compute_gradients(self.next_micro_batches())
-                loss_value = float(dist_utils.all_reduce_sum(loss, self.dist)) / self.dist.world_size
-                grad_norm = self.clip_gradients()  # the same on every rank: gradients are all-reduced
-                # Stop before the weights change. (fp16: the scaler itself skips overflowed gradients.)
-                bad = "loss" if not math.isfinite(loss_value) else None
-                if bad is None and not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                    bad = "gradient norm"
-                if bad:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    status = "non_finite"
-                    message = self._non_finite_message(bad, loss_value if bad == "loss" else grad_norm)
+                failure = self._train_step(bar)
+                if failure is not None:
+                    status, message = "non_finite", failure
                     break
-                tokens = cfg.tokens_per_step
-                self._in_update = True  # a KeyboardInterrupt in here cannot be saved consistently
-                self.optimizer_step()
-                # Everything a checkpoint of this step holds changes in here, so that an interrupt
-                # just after it saves step N with step N's counters, not step N-1's.
-                self.step += 1
-                self.tokens_seen += tokens
-                self._boundary = self._data_position()
-                self._in_update = False
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()  # honest timing
-                dt = time.perf_counter() - t0
-                train_time, train_tokens = train_time + dt, train_tokens + tokens
-                rec = {
-                    "kind": "train",
-                    "step": self.step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": self.tokens_seen,
-                    "tokens_per_s": tokens / dt,
-                    **({"mfu": self.mfu(tokens / dt)} if self.peak_flops else {}),
-                    "time_s": time.perf_counter() - t_start,
-                }
-                self._record(rec)
-                self._fire("on_step_end", rec)
-                postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens / dt:,.0f}"}
-                if self.peak_flops:
-                    postfix["mfu"] = f"{rec['mfu']:.1%}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-
-                if self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
-                    last_eval = self._eval_and_record()
-                if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
-                    self.save_checkpoint()
+                self._evaluate_and_save()
                 if self._stop_requested():
-                    status = "interrupted"
-                    message = f"{self._stop_reason or 'another process was interrupted'} at step {self.step}"
-                    if self._saved_step != self.step:
-                        self.save_checkpoint()
+                    status, message = "interrupted", self._stop_and_save()
                     break
         except KeyboardInterrupt:
-            # A second Ctrl-C, or an interrupt that no handler caught (e.g. training in a thread).
-            status = "interrupted"
-            if self._in_update:
-                message = f"interrupted during the weight update of step {self.step + 1}: nothing saved"
-            else:
-                # Drop the half-done step: save the data position and RNG from the last step boundary.
-                self.optimizer.zero_grad(set_to_none=True)
-                self.save_checkpoint({**self.training_state(), **self._boundary})
-                message = f"KeyboardInterrupt at step {self.step}"
+            status, message = "interrupted", self._save_after_keyboard_interrupt()
         finally:
             bar.close()
             restore()
+        return self._finish(status, message)
 
-        tokens_per_s = train_tokens / train_time if train_time > 0 else 0.0
+    def _train_step(self, bar: tqdm) -> str | None:
+        """One optimizer step, logged; returns why it stopped the run (a non-finite value) or None."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.compute_gradients(self.next_micro_batches())
+        loss = dist_utils.all_reduce_sum(loss, self.dist) / self.dist.world_size
+        grad_norm = self.clip_gradients()  # the same on every rank: gradients are all-reduced
+        # The step's one host synchronisation: both numbers in one transfer.
+        loss_value, grad_norm_value = torch.stack([loss, grad_norm.float()]).tolist()
+        self._last_loss = loss_value
+        # Stop before the weights change. (fp16: the scaler itself skips overflowed gradients.)
+        bad = "loss" if not math.isfinite(loss_value) else None
+        if bad is None and not math.isfinite(grad_norm_value) and not self.scaler.is_enabled():
+            bad = "gradient norm"
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._non_finite_message(bad, loss_value if bad == "loss" else grad_norm_value)
+        tokens = cfg.tokens_per_step
+        self._in_update = True  # a KeyboardInterrupt in here cannot be saved consistently
+        self.optimizer_step()
+        # Everything a checkpoint of this step holds changes in here, so that an interrupt
+        # just after it saves step N with step N's counters, not step N-1's.
+        self.step += 1
+        self.tokens_seen += tokens
+        self._boundary = self._data_position()
+        self._in_update = False
+        dt = time.perf_counter() - t0
+        self._clock.add(dt, tokens)
+        rec = {
+            "kind": "train",
+            "step": self.step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm_value,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens / dt,
+            **({"mfu": self.mfu(tokens / dt)} if self.peak_flops else {}),
+            "time_s": time.perf_counter() - self._clock.start,
+        }
+        self._record(rec)
+        self._fire("on_step_end", rec)
+        postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens / dt:,.0f}"}
+        if self.peak_flops:
+            postfix["mfu"] = f"{rec['mfu']:.1%}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        return None
+
+    def _evaluate_and_save(self) -> None:
+        """Evaluate every ``eval_steps`` and checkpoint every ``save_steps`` (and both at the end)."""
+        last = self.step == self.cfg.max_steps
+        if self.step % self.cfg.eval_steps == 0 or last:
+            self._last_eval = self._eval_and_record()
+        if self.step % self.cfg.save_steps == 0 or last:
+            self.save_checkpoint()
+
+    def _stop_and_save(self) -> str:
+        """A stop was requested (signal or request_stop): save this step unless just saved."""
+        message = f"{self._stop_reason or 'another process was interrupted'} at step {self.step}"
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        return message
+
+    def _save_after_keyboard_interrupt(self) -> str:
+        """A second Ctrl-C, or an interrupt no handler caught (e.g. training in a thread)."""
+        if self._in_update:
+            return f"interrupted during the weight update of step {self.step + 1}: nothing saved"
+        # Drop the half-done step: save the data position and RNG from the last step boundary.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.save_checkpoint({**self.training_state(), **self._boundary})
+        return f"KeyboardInterrupt at step {self.step}"
+
+    def _finish(self, status: str, message: str) -> TrainResult:
+        """Sample (rank 0), wait for every rank, and report."""
         sample = None
         if status == "completed" and self.is_main and self.sample_tokens > 0:
             sample = self.sample(max_new_tokens=self.sample_tokens)
         # The other ranks wait while rank 0 samples, so that none tears down the process group
         # (Trainer.close) while another still works: under load that raced gloo's shutdown.
         dist_utils.barrier(self.dist)
+        last_eval, tokens_per_s = self._last_eval, self._clock.tokens_per_s
         result = TrainResult(
             status=status,
             step=self.step,
-            train_loss=loss_value,
+            train_loss=self._last_loss,
             val_loss=last_eval["val_loss"] if last_eval else None,
             val_perplexity=last_eval["val_perplexity"] if last_eval else None,
             val_step=last_eval["step"] if last_eval else None,
             unigram_loss=self.unigram_loss,
             tokens_per_s=tokens_per_s,
             mfu=self.mfu(tokens_per_s),
-            wall_time_s=time.perf_counter() - t_start,
+            wall_time_s=time.perf_counter() - self._clock.start,
             checkpoint=self.last_checkpoint,
             sample=sample,
             message=message,
             history=list(self.history),
+            warmup_s=self._clock.warmup_s,
         )
         self._print_summary(result)
         self._fire("on_train_end", {"kind": "end", "step": self.step, "status": status, "result": result})
@@ -744,6 +659,9 @@ class Trainer:
             n = f"{self.dist.world_size} x " if self.dist.world_size > 1 else ""
             speed += f", MFU {r.mfu:.1%} (of {n}the {self.peak_source})"
         print(f"{speed}; {r.wall_time_s:.1f} s in train()")
+        if r.warmup_s and r.step > 1:
+            what = "compiling (torch.compile) and warm-up" if self.cfg.compile else "warm-up"
+            print(f"first step: {r.warmup_s:.1f} s of {what}, not counted in tokens/s")
         if r.checkpoint:
             print(f"checkpoint: {r.checkpoint}")
         if r.sample is not None:

@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a clone without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from minilm.config import FIELDS, _describe_allowed, field_nullable, field_type  # noqa: E402
-from minilm.trainer import SHAPE_FIELDS  # noqa: E402
+from minilm.config import FIELDS, SHAPE_FIELDS, _describe_allowed, field_nullable, field_type  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "config-reference.md"
 

@@ -13,7 +13,8 @@ import torch
 
 from minilm import Config
 from minilm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from minilm.trainer import NOT_CONVERGING_ADVICE, Trainer, lr_at, make_optimizer
+from minilm.optim import lr_at, make_optimizer
+from minilm.trainer import NOT_CONVERGING_ADVICE, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +61,7 @@ def test_weight_decay_groups(micro, tmp_path, capsys):
     from minilm.model import GPT
 
     cfg = micro(tmp_path)
-    opt = make_optimizer(GPT(cfg), cfg, torch.device("cpu"))
+    opt = make_optimizer(GPT(cfg), cfg)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == cfg.weight_decay and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
@@ -228,9 +229,11 @@ def test_fp16_autocast_with_gradient_scaler(micro, tmp_path, monkeypatch):
 
     minilm.precision runs bf16 for fp16 on a CPU (faster, no scaler needed), so force float16 here.
     """
+    import minilm.precision
     import minilm.trainer
 
-    monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
+    for module in (minilm.precision, minilm.trainer):
+        monkeypatch.setattr(module, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
     trainer = run(micro(tmp_path, fp16=True, dropout=0.0))
     assert trainer.scaler.is_enabled() and "gradient scaler" in trainer.precision_name
     seen = []
@@ -285,7 +288,7 @@ def test_compile_option_saves_plain_keys(micro, tmp_path, monkeypatch):
     ],
 )
 def test_gpu_names_map_to_datasheet_peaks(gpu, name):
-    from minilm.trainer import datasheet_name
+    from minilm.hardware import datasheet_name
 
     assert datasheet_name(gpu) == name
 
@@ -350,10 +353,12 @@ def test_resume_applies_changed_weight_decay_and_betas(micro, tmp_path):
 
 def test_fp16_resume_of_a_checkpoint_without_a_scaler_starts_a_fresh_one(micro, tmp_path, monkeypatch, capsys):
     """A run that was not fp16 saves an empty scaler state; resuming it under fp16 starts a fresh scaler."""
+    import minilm.precision
     import minilm.trainer
 
     run(micro(tmp_path, max_steps=2, save_steps=2, dropout=0.0)).train()
-    monkeypatch.setattr(minilm.trainer, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
+    for module in (minilm.precision, minilm.trainer):
+        monkeypatch.setattr(module, "autocast_dtype", lambda cfg, device, cpu_bf16=None: torch.float16)
     cfg = micro(tmp_path, max_steps=4, save_steps=2, dropout=0.0, fp16=True)
     resumed = Trainer(cfg, progress=False, sample_tokens=0, resume_from_checkpoint=tmp_path / "checkpoint-2")
     assert "starting a fresh gradient scaler" in capsys.readouterr().out
@@ -386,3 +391,20 @@ def test_keyboard_interrupt_right_after_the_update_saves_that_steps_tokens(micro
     assert trainer.train().status == "interrupted"
     saved = load_checkpoint(tmp_path / "checkpoint-3")
     assert saved.training_state["tokens_seen"] == 3 * trainer.cfg.tokens_per_step
+
+
+def test_tokens_per_s_leaves_out_the_warm_up_step(micro, tmp_path, monkeypatch):
+    """The first step (allocations; with compile, compilation) is reported apart, not averaged in."""
+    from minilm.trainer import _StepClock
+
+    clock = _StepClock(start=0.0)
+    clock.add(30.0, 1000)  # a compile-sized first step
+    assert clock.tokens_per_s == pytest.approx(1000 / 30.0)  # one step: nothing else to go by
+    clock.add(0.5, 1000)
+    clock.add(0.5, 1000)
+    assert clock.warmup_s == 30.0 and clock.tokens_per_s == pytest.approx(2000.0)
+    result = run(micro(tmp_path, max_steps=3)).train()
+    steps = [r for r in result.history if r["kind"] == "train"]
+    steady = sum(r["tokens_per_s"] ** -1 for r in steps[1:])  # seconds per token, per step
+    assert result.warmup_s > 0
+    assert result.tokens_per_s == pytest.approx(len(steps[1:]) / steady, rel=1e-6)

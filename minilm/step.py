@@ -1,0 +1,85 @@
+"""One optimizer step, in three named parts: gradients, clipping, update.
+
+The trainer runs these, and so does :mod:`minilm.measure` when it checks the memory
+estimate, so the estimate is validated against the step that trains, not a copy of it.
+
+1. :func:`accumulate_gradients`: for each of k micro-batches, forward under the precision
+   context and backward of ``loss / k`` (the summed gradient is that of the mean loss);
+   under DDP only the last backward all-reduces.
+2. :func:`clip_gradients`: unscale (fp16 only) and clip the global gradient norm.
+3. :func:`optimizer_step`: AdamW (fp16: skipped by the scaler on overflow), then zero grads.
+
+The trainer checks the loss and the norm between 2 and 3, so a non-finite step never
+changes the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _no_phase(phase: str) -> None:
+    pass
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    autocast: AbstractContextManager,
+    scaler: torch.amp.GradScaler,
+    *,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+    keep_logits: bool = False,
+    set_phase: Callable[[str], None] = _no_phase,
+) -> torch.Tensor:
+    """Forward and backward over ``micro_batches``; gradients accumulate in ``.grad``.
+
+    ``no_sync``: DDP's ``model.no_sync``, entered for every micro-batch but the last, so the
+    gradient all-reduce runs once. ``keep_logits=True`` holds the (B, T, V) logits through
+    backward, as ``logits, loss = model(x, y)`` in a user's loop does (the memory lesson
+    measures the difference). ``set_phase`` is told 'forward' / 'backward' (memory tracing).
+    Returns this rank's mean loss over the micro-batches: a detached fp32 scalar on the
+    device (reading it is a host synchronisation, left to the caller).
+    """
+    k = len(micro_batches)
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    logits = None  # with keep_logits, like a user's variable: alive until the next forward replaces it
+    for i, (x, y) in enumerate(micro_batches):
+        sync = no_sync() if (no_sync is not None and i < k - 1) else nullcontext()
+        with sync:
+            set_phase("forward")
+            with autocast:
+                if keep_logits:
+                    logits, loss = model(x, y)
+                else:  # index the tuple: nothing holds the logits once the loss exists
+                    loss = model(x, y)[1]
+            set_phase("backward")
+            scaler.scale(loss / k).backward()
+        total += loss.detach().float()
+        del loss
+    del logits
+    return total / k
+
+
+def clip_gradients(
+    parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float
+) -> torch.Tensor:
+    """Unscale (fp16 only) and clip the global gradient norm to ``max_norm`` (0: no clipping).
+
+    Returns the norm before clipping, as a device scalar (no host synchronisation).
+    """
+    scaler.unscale_(optimizer)  # no-op unless fp16: clipping must see the true gradients
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """AdamW step (fp16: skipped by the scaler when gradients overflowed), then zero the gradients."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
