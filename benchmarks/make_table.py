@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import statistics
+import string
 import sys
 import tempfile
 import warnings
@@ -49,11 +50,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.counting import count_parameters, format_count  # noqa: E402
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at  # noqa: E402
+from minilm.formatting import format_hours, render_table  # noqa: E402
 from minilm.hardware import ACCELERATORS, datasheet_name  # noqa: E402
 from minilm.memory import GB, estimate_training_memory  # noqa: E402
 from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
+TEMPLATES = ROOT / "benchmarks" / "templates"  # the page's prose, with $names for the numbers
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ("tiny", "small", "base", "large")
 GPUS = ("H100 SXM", "A100 80GB", "RTX 4090", "L4", "T4")  # named GPUs for the time estimates
@@ -88,18 +91,6 @@ def with_precision(cfg: Config, precision: str, checkpointing: bool | None = Non
     return cfg.replace(**changes)
 
 
-def duration(hours: float) -> str:
-    """Readable time: seconds, minutes, hours or days."""
-    seconds = hours * 3600
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if hours < 1.5:
-        return f"{seconds / 60:.0f} min"
-    if hours < 48:
-        return f"{hours:.1f} h"
-    return f"{hours / 24:.1f} days"
-
-
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / GB:.2f}"
 
@@ -122,12 +113,10 @@ def hours_to_chinchilla(cfg: Config, gpu: str, mfu: float = MFU) -> float:
 
 
 def _table(head: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
-    align = align or "l" + "r" * (len(head) - 1)
-    sep = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-    return ["| " + " | ".join(head) + " |", sep] + ["| " + " | ".join(r) + " |" for r in rows]
+    return render_table(head, rows, "markdown", align).split("\n")
 
 
-def render_counts() -> list[str]:
+def render_counts() -> str:
     rows = []
     for name in CONFIGS:
         cfg = shipped(name)
@@ -156,20 +145,10 @@ def render_counts() -> list[str]:
         "steps to 20·N",
         "tokens / param in `max_steps`",
     ]
-    return [
-        "## Size and compute",
-        "",
-        "Parameters from `minilm.counting.count_parameters` (exact); training FLOPs per token "
-        "(forward + backward, `6·N_mm + 12·L·s·d` at s = `max_seq_len`) from `minilm.flops.flops_per_token`; "
-        "the Chinchilla budget of 20 tokens per parameter and the optimizer steps it takes at the config's "
-        "tokens per step from `minilm.flops.compute_optimal`.",
-        "",
-        *_table(head, rows),
-        "",
-    ]
+    return render_table(head, rows, "markdown")
 
 
-def render_memory() -> list[str]:
+def render_memory() -> str:
     head = ["config", "batch × seq (× GPUs)"]
     for p in PRECISIONS:
         head += [f"{p}", f"{p} + ckpt"]
@@ -186,25 +165,10 @@ def render_memory() -> list[str]:
                 cell = f"{memory_gib(cfg, p, ck):.2f}"
                 row.append(f"**{cell}**" if (p, ck) == own else cell)
         rows.append(row)
-    return [
-        "## Training memory per GPU",
-        "",
-        "Estimated peak GiB of one training step on one GPU, at each config's own micro-batch and sequence "
-        "length, for each precision, without and with gradient checkpointing (`minilm.memory."
-        "estimate_training_memory`, fused AdamW, CUDA kernels). **Bold** is the config as shipped. This is "
-        "what `torch.cuda.max_memory_allocated()` should report; `nvidia-smi` shows more (CUDA context, "
-        "library workspaces, allocator cache — see [training memory](concepts/memory.md)). The multi-GPU "
-        "`large` config includes DDP's gradient buckets (4 bytes per parameter).",
-        "",
-        *_table(head, rows),
-        "",
-        "bf16 and fp16 autocast need the same bytes (both keep fp32 weights, gradients and AdamW state, "
-        "and store 2-byte activations); they differ in range and in needing a gradient scaler, not in memory.",
-        "",
-    ]
+    return render_table(head, rows, "markdown")
 
 
-def render_time() -> list[str]:
+def render_time() -> str:
     head = ["config", "GPUs", "20·N tokens"] + [f"{g}" for g in GPUS]
     rows = []
     for name in CONFIGS:
@@ -212,27 +176,9 @@ def render_time() -> list[str]:
         row = [f"`{name}`", str(cfg.world_size), f"{compute_optimal(cfg).tokens / 1e6:,.0f}M"]
         for g in GPUS:
             tps = gpu_tokens_per_second(cfg, g)
-            row.append(f"{duration(hours_to_chinchilla(cfg, g))} ({format_count(tps)} tok/s)")
+            row.append(f"{format_hours(hours_to_chinchilla(cfg, g))} ({format_count(tps)} tok/s)")
         rows.append(row)
-    peaks = ", ".join(
-        f"{g} {ACCELERATORS[g].bf16 / 1e12:g}"
-        if ACCELERATORS[g].bf16
-        else f"{g} {ACCELERATORS[g].fp16 / 1e12:g} (fp16)"
-        for g in GPUS
-    )
-    return [
-        "## Time to the compute-optimal token count",
-        "",
-        f"Estimated wall time to train on 20·N tokens at **{MFU:.0%} MFU**, on `world_size` GPUs of each kind, "
-        "in the config's precision (fp16 on GPUs without bf16; the fp32 `tiny` config at the fp32 peak), "
-        "with the estimated tokens/s in brackets (`minilm.flops.tokens_per_second_at`; gradient "
-        "checkpointing's recompute is charged). Dense 16-bit peaks in TFLOP/s from `minilm.hardware`: "
-        f"{peaks}. 30–50% MFU is typical of well-tuned GPT training at these sizes on one node; small models "
-        "and small batches reach less. Data loading, evaluation and checkpointing are not included.",
-        "",
-        *_table(head, rows, "lrr" + "r" * len(GPUS)),
-        "",
-    ]
+    return render_table(head, rows, "markdown", "lrr" + "r" * len(GPUS))
 
 
 def _verdict_memory(name: str) -> str:
@@ -259,7 +205,7 @@ def _verdict_time(name: str) -> str:
     return (
         f"claimed speed × claimed time = {implied / 1e6:,.0f}M tokens = {implied / n:.1f} per parameter "
         f"(20·N needs {compute_optimal(cfg).tokens / 1e6:,.0f}M); 20·N on one RTX 4090 at {MFU:.0%} MFU: "
-        f"{duration(compute_optimal(cfg).tokens / tokens_per_second_at(cfg, 'RTX 4090', MFU, n_devices=1) / 3600)}"
+        f"{format_hours(compute_optimal(cfg).tokens / tokens_per_second_at(cfg, 'RTX 4090', MFU, n_devices=1) / 3600)}"
     )
 
 
@@ -277,64 +223,49 @@ def _time_range() -> str:
         for n in DESIGN_TABLE
     }
     lo, hi = min(hours, key=hours.get), max(hours, key=hours.get)
-    return f"from {duration(hours[lo])} (`{lo}`) to {duration(hours[hi])} (`{hi}`)"
+    return f"from {format_hours(hours[lo])} (`{lo}`) to {format_hours(hours[hi])} (`{hi}`)"
 
 
-def render_design() -> list[str]:
+def render_design() -> str:
     rows = []
     for name, claim in DESIGN_TABLE.items():
         rows.append([f"`{name}` ({DESIGN_CLAIMS[name]['label']})", claim["memory"], _verdict_memory(name)])
         rows.append(["", claim["speed"], _verdict_speed(name)])
         rows.append(["", claim["converge"], _verdict_time(name)])
         rows.append(["", f"PPL {claim['ppl']}", "not checkable: no data set, tokenizer or token count given"])
-    return [
-        "## The design's claimed table, checked",
-        "",
-        "The design's README ended with this table, with no method, batch size, data set or GPU named. "
-        "Each claim beside what minilm computes for the shipped config of that name (which keeps the "
-        "design's shape; its batch settings were chosen by minilm to fit the design's recommended GPU):",
-        "",
-        *_table(["model (design's label)", "claim", "computed"], rows, "lll"),
-        "",
-        "What holds and what does not:",
-        "",
-        "- **Parameter labels: wrong.** 124M / 355M / 1.3B are one size up; the configs hold "
-        + " / ".join(format_count(count_parameters(shipped(n)).total) for n in ("small", "base", "large"))
-        + " ([why](concepts/parameters.md#why-the-designs-labels-were-wrong)).",
-        "- **GPU memory: roughly consistent, but not evidence.** The estimates land near the claims because "
-        "minilm chose each config's micro-batch to fit the GPU the design recommends; the design gave no "
-        "batch size, and memory scales with it. `large` needs less than claimed per GPU because it ships with "
-        "gradient checkpointing at micro-batch 8 (its 4 GPUs multiply the tokens per step, not the memory "
-        "per GPU: each holds a full copy of the model and its optimizer state).",
-        f"- **Training speed: far too low.** One RTX 4090 at {MFU:.0%} MFU is estimated at "
-        f"{_speed_ratios()} the claimed speed; datacenter GPUs are faster still. 600–1000 tokens/s is "
-        "the speed of a laptop CPU on these models (see the measured section below), not of the GPUs the "
-        "design recommends.",
-        "- **Time to converge: inconsistent with its own speed.** Claimed speed × claimed time is about one "
-        "token per parameter, a twentieth of the compute-optimal budget and of what the shipped `max_steps` "
-        f"train on. At realistic GPU speeds the 20·N budget takes {_time_range()} on one RTX 4090 "
-        "(table above), less on faster or more GPUs.",
-        "- **Perplexity: untestable as stated.** Perplexity depends on the data set and the tokenizer "
-        "(a character model's perplexity is not comparable with a 32K-BPE model's), neither of which the "
-        "claim names. Note also that the bundled Shakespeare corpus is far smaller than these budgets: "
-        "training `small` to 20·N on it would repeat the corpus hundreds of times.",
-        "",
-        "The design's recommended GPUs, checked by `minilm.sizing.design_claims_table()` (per-GPU peak at the "
-        "shipped settings; the largest micro-batch that fits the recommended memory with 10% headroom and 1 GB "
-        "for the CUDA context):",
-        "",
-        design_claims_table("markdown"),
-        "",
-    ]
+    return render_table(["model (design's label)", "claim", "computed"], rows, "markdown", "lll")
+
+
+def _peaks() -> str:
+    def peak(g: str) -> str:
+        acc = ACCELERATORS[g]
+        return f"{g} {acc.bf16 / 1e12:g}" if acc.bf16 else f"{g} {acc.fp16 / 1e12:g} (fp16)"
+
+    return ", ".join(peak(g) for g in GPUS)
+
+
+def _fill(template: str, **values: str) -> str:
+    """``benchmarks/templates/<template>`` with its ``$names`` filled in: the page's prose lives there."""
+    return string.Template((TEMPLATES / template).read_text()).substitute(values)
 
 
 def render_computed() -> str:
     """Everything on the page that does not depend on the machine: a pure function of the library."""
-    lines = [COMPUTED_BEGIN, ""]
-    for part in (render_counts, render_memory, render_time, render_design):
-        lines += part()
-    lines.append(COMPUTED_END)
-    return "\n".join(lines) + "\n"
+    return _fill(
+        "computed.md",
+        computed_begin=COMPUTED_BEGIN,
+        computed_end=COMPUTED_END,
+        counts_table=render_counts(),
+        memory_table=render_memory(),
+        time_table=render_time(),
+        design_table=render_design(),
+        claims_table=design_claims_table("markdown"),
+        mfu=f"{MFU:.0%}",
+        peaks=_peaks(),
+        true_sizes=" / ".join(format_count(count_parameters(shipped(n)).total) for n in ("small", "base", "large")),
+        speed_ratios=_speed_ratios(),
+        time_range=_time_range(),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,6 +319,9 @@ def gpu_cases() -> list[Case]:
         cfg = shipped(name)
         ov = {"world_size": 1} if cfg.world_size > 1 else {}
         out.append(Case(name, ov, steps=12 if name != "large" else 8, warmup=3, label=f"{name}, as shipped"))
+        if name in ("small", "base"):  # compile off and on: the warm-up steps hold the compilation
+            label = f"{name}, as shipped, torch.compile"
+            out.append(Case(name, {**ov, "compile": True}, steps=16, warmup=6, label=label))
     return out
 
 
@@ -646,57 +580,17 @@ def render_measured(record: dict) -> str:
 def render(results: list[dict] | None = None) -> str:
     """The whole page."""
     results = load_results() if results is None else results
-    parts = [
-        "# Benchmarks",
-        "",
-        "<!-- GENERATED by benchmarks/make_table.py. Do not edit by hand: run the script. -->",
-        "",
-        "What each shipped config costs to train — parameters, memory, compute and time — computed by "
-        "the library, then measured where it could be run, beside the design's original claims. "
-        "Regenerate everything with one command (it measures on the machine it runs on, saves the result "
-        "in `benchmarks/results/`, and rewrites this page):",
-        "",
-        "<!-- slow: measures training throughput and memory on this machine (a few minutes on a laptop CPU) -->",
-        "```bash",
-        "python benchmarks/make_table.py",
-        "```",
-        "",
-        "and only the computed part (no measuring, seconds) with:",
-        "",
-        "<!-- runnable -->",
-        "```bash",
-        "python benchmarks/make_table.py --no-measure",
-        "```",
-        "",
-        "Computed numbers are the same on every machine; `tests/test_benchmarks_table.py` checks them "
-        "against the library. Measured numbers depend on the machine and on what else it was doing, so "
-        "each set is headed with where and when it was taken.",
-        "",
-        render_computed(),
-        "## Measured",
-        "",
-        "Throughput is the median of the per-step tokens/s that minilm's `Trainer` records (the code "
-        "path of `python train.py`, on the bundled Shakespeare corpus) after warm-up steps. MFU divides "
-        "the model FLOPs per second (`flops_per_token × tokens/s`) by a peak: the datasheet's on known GPUs, "
-        "and always also the best rate this machine reached on a large `torch.matmul` in the same precision "
-        "(`minilm.hardware.measure_matmul_flops`). Peak memory is one steady-state step measured by "
-        "`minilm.measure.measure_training_step` (a tensor-storage tracker on CPU, "
-        "`torch.cuda.max_memory_allocated` on CUDA), beside `minilm.memory.estimate_training_memory` "
-        "for the same step.",
-        "",
-    ]
+    measured = [render_measured(record) for record in results]
     if not results:
-        parts += ["No measurements saved yet: run `python benchmarks/make_table.py`.", ""]
-    for record in results:
-        parts.append(render_measured(record))
+        measured.append("No measurements saved yet: run `python benchmarks/make_table.py`.\n")
     if not any(r["device"] != "cpu" for r in results):
-        parts += [
+        measured.append(
             "No GPU measurement is saved yet. On a machine with a CUDA GPU, `python benchmarks/make_table.py` "
             "measures every shipped config at its own settings (tokens/s, MFU against the datasheet, "
-            "`max_memory_allocated`, `max_memory_reserved`) and adds a section headed with the device name.",
-            "",
-        ]
-    return "\n".join(parts).rstrip("\n") + "\n"
+            "`max_memory_allocated`, `max_memory_reserved`) and adds a section headed with the device name.\n"
+        )
+    page = _fill("page.md", computed=render_computed(), measured="\n".join(measured))
+    return page.rstrip("\n") + "\n"
 
 
 def computed_section(text: str) -> str:

@@ -55,6 +55,29 @@ class KVCache:
         return k, v
 
 
+def attention_path(impl: str, dropout: float, device_type: str) -> str:
+    """Which attention computation runs in training: 'fused', 'manual' or 'math'.
+
+    'fused' is SDPA's flash / memory-efficient kernel (keeps no T² tensor). On CPU, SDPA
+    with dropout > 0 has no fused kernel and falls back to 'math', which materialises the
+    (B, H, T, T) probabilities like the manual path. The memory estimate and the FLOP count
+    ask this function, so they follow the kernel the model runs.
+    """
+    if impl == "manual":
+        return "manual"
+    return "math" if (dropout > 0 and device_type == "cpu") else "fused"
+
+
+def sdpa_runs_in_fp32(device_type: str, autocast: bool) -> bool:
+    """Whether :class:`CausalSelfAttention` runs SDPA in fp32 under autocast.
+
+    PyTorch's CPU attention kernel is slower in bf16 than in fp32 at the sequence lengths
+    CPUs train on (2x slower at T=128, 1.2x at T=256, measured), so on a CPU q, k, v are cast
+    up and the output back down; the projections around it, where the FLOPs are, stay bf16.
+    """
+    return device_type == "cpu" and autocast
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused QKV projection (GPT-2 layout).
 
@@ -89,10 +112,7 @@ class CausalSelfAttention(nn.Module):
                 mask = ~torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=1 + past)  # True: may attend
         if self.impl == "sdpa":
             p = self.dropout_p if self.training else 0.0
-            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                # PyTorch's CPU attention kernel is slower in bf16 than in fp32 at the sequence
-                # lengths CPUs train on (2x slower at T=128, 1.2x at T=256, measured): run it in
-                # fp32. The projections around it, where the FLOPs are, stay in bf16.
+            if sdpa_runs_in_fp32(q.device.type, torch.is_autocast_enabled("cpu")):
                 with torch.autocast("cpu", enabled=False):
                     y = F.scaled_dot_product_attention(
                         q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=mask is None

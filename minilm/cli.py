@@ -18,6 +18,8 @@ command does::
     minilm sample --checkpoint outputs/tiny/checkpoint-600 --prompt "ROMEO:" --max_new_tokens 200
     minilm sample --checkpoint outputs/tiny --top_k 0 --top_p 0.9   # nucleus sampling (see minilm.generation)
     python train.py sample --checkpoint outputs/tiny        # the newest checkpoint in a folder
+    minilm export --checkpoint outputs/tiny --out hf/tiny   # a Hugging Face GPT2LMHeadModel folder
+    minilm grade submitted/ --out grades.csv                # grade a class (minilm.grading)
 
 Every config field is also a flag (``--<field> VALUE``) that overrides the file; a bad
 value exits with status 2 and a message naming the field. Exit status of a training
@@ -50,7 +52,7 @@ from minilm.counting import parameter_table
 from minilm.data import DataError
 from minilm.tokenizer import TokenizerError
 
-COMMANDS = ("train", "sample", "generate")
+COMMANDS = ("train", "sample", "generate", "export", "grade")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -102,20 +104,28 @@ def sample_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--num_samples", type=int, default=1, help="Independent samples to print (default 1).")
     parser.add_argument("--seed", type=int, default=1337, help="Random seed of the sampler (default 1337).")
-    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default cpu).")
+    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (default cpu).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``train.py`` and of the ``minilm`` command; returns the exit status.
 
-    ``argv[0]`` may name a command (train, sample, generate); without one, it is train,
+    ``argv[0]`` may name a command (train, sample, generate, export, grade); without one, it is train,
     so ``python train.py --config ...`` reads exactly as in the design.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "train":
         return run_train(argv)
+    if command == "export":  # a Hugging Face GPT2LMHeadModel folder: see minilm.export
+        from minilm.export import run_export
+
+        return run_export(argv)
+    if command == "grade":  # `minilm grade SUBMISSIONS_DIR --out grades.csv`: the gradebook, see minilm.grading
+        from minilm.grading import main as grade_main
+
+        return grade_main(argv)
     return run_sample(argv)
 
 

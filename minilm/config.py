@@ -24,6 +24,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from minilm.counting import count_parameters
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the field."""
@@ -135,12 +137,12 @@ class Config:
     device: str = _f(
         "auto",
         "system",
-        "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
+        "'auto' (cuda if available, else mps, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps' (Apple GPU).",
         # Exactly what minilm.distributed.local_device resolves. Checked here so that a typo such as
         # 'gpu' is a ConfigError naming the field when the config loads, not a torch RuntimeError at
         # the start of training. torch itself rejects 'cuda:01', hence no leading zeros in N.
-        pattern=r"auto|cpu|cuda(:(0|[1-9][0-9]*))?",
-        pattern_help="one of 'auto', 'cpu', 'cuda', or 'cuda:N' with N a GPU index (0, 1, ...)",
+        pattern=r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?",
+        pattern_help="one of 'auto', 'cpu', 'cuda', 'cuda:N' with N a GPU index (0, 1, ...), or 'mps' (Apple GPU)",
     )
     output_dir: str = _f("outputs", "system", "Where checkpoints, logs and the tokenizer are written.")
 
@@ -361,8 +363,6 @@ def check_estimated_parameters(cfg: Config, *, source: str = "config", tolerance
     """
     if cfg.estimated_parameters is None:
         return None
-    from minilm.counting import count_parameters  # counting imports config; import late
-
     true = count_parameters(cfg).total
     stated = cfg.estimated_parameters
     if abs(stated - true) > tolerance * true:

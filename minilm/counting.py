@@ -19,8 +19,12 @@ weight is one tensor used twice, so it is counted once (as ``sum(p.numel())`` do
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from minilm.config import Config
+from minilm.formatting import render_table
+
+if TYPE_CHECKING:  # counting reads a config's shape fields; the config module uses counting to check estimates
+    from minilm.config import Config
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,9 @@ def parameter_table(cfg: Config, fmt: str = "text") -> str:
     pc = count_parameters(cfg)
     rows = pc.rows() + [("total", pc.total), ("non-embedding", pc.non_embedding)]
     if fmt == "markdown":
-        lines = ["| component | parameters | share |", "|---|---:|---:|"]
-        lines += [f"| {name} | {n:,} | {n / pc.total:.1%} |" for name, n in rows]
-        return "\n".join(lines)
+        return render_table(
+            ["component", "parameters", "share"], [[name, f"{n:,}", f"{n / pc.total:.1%}"] for name, n in rows], fmt
+        )
     if fmt != "text":
         raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
     width = max(len(name) for name, _ in rows)

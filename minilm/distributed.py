@@ -85,15 +85,34 @@ def setup(cfg: Config, device: torch.device) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=dist.get_world_size(), enabled=True)
 
 
-def local_device(requested: str) -> torch.device:
-    """The device this process should use: ``requested`` ('auto', 'cpu', 'cuda', 'cuda:N') resolved.
+def mps_available() -> bool:
+    """True on a Mac whose PyTorch can use the Apple GPU (the MPS backend); False everywhere else."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
-    Under torchrun with CUDA every process takes the GPU numbered by its LOCAL_RANK.
+
+def local_device(requested: str) -> torch.device:
+    """The device this process should use: ``requested`` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps') resolved.
+
+    'auto' picks CUDA, else an Apple GPU (MPS), else the CPU. Under torchrun with CUDA every
+    process takes the GPU numbered by its LOCAL_RANK. MPS is one GPU per Mac with no
+    process-group backend of its own, so it is refused under a launcher.
     """
     check_field("device", requested)  # 'gpu' and other typos: a ConfigError naming the field, not a torch error
     if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     device = torch.device(requested)
+    if device.type == "mps":
+        if not mps_available():
+            raise ConfigError(
+                "field 'device' is 'mps' but no Apple GPU is available (MPS needs a Mac with Apple silicon "
+                "or an AMD GPU, and a PyTorch built with MPS): use --device cpu"
+            )
+        if launcher_world_size() is not None:
+            raise ConfigError(
+                "field 'device' is 'mps' but this is a torchrun process: data-parallel training on Apple GPUs "
+                "is not supported (one Mac has one GPU); run a single process, or use --device cpu"
+            )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"field 'device' is {requested!r} but no CUDA GPU is available: use --device cpu")

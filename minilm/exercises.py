@@ -16,15 +16,19 @@ Students::
     >>> ex[0].check(123_456)                        # ❌ ... a hint
     >>> ex[0].check(None)                           # not answered yet
 
-Instructors::
+A practice table for a student or a room::
 
     >>> report = exercises.grade("ada", [answer1, answer2, ...])   # or {key: answer}
     >>> print(report.table()); report.score
     >>> print(exercises.grade_class({"ada": [...], "alan": [...]}))
-    >>> exercises.answer_key("ada")                  # the expected answers, instructor only
 
 Variants are seeded by a hash of the student id (not Python's randomised ``hash``), so
 the same id always gets the same model, and different ids almost always different ones.
+
+These exercises are **practice**, not marks: a question shows the whole model, so the
+library's own counting could answer it, and there is deliberately no public answer key.
+Marks come from :mod:`minilm.grading`: functions the student writes, checked on the
+instructor's side on configs derived from an instructor secret.
 """
 
 from __future__ import annotations
@@ -475,11 +479,6 @@ def for_student(student_id: str, kinds: Sequence[str] = DEFAULT_SET) -> list[Exe
     """This student's exercises, all about :func:`student_config`'s model, in ``kinds`` order."""
     cfg = student_config(student_id)
     return [count_exercise(k, cfg) for k in kinds]
-
-
-def answer_key(student_id: str, kinds: Sequence[str] = DEFAULT_SET) -> dict[str, int]:
-    """The expected answers for one student (for the instructor; students use ``check``)."""
-    return {ex.key: ex._answer for ex in for_student(student_id, kinds)}
 
 
 # ---------------------------------------------------------------------------------------

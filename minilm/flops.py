@@ -39,9 +39,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from minilm.attention import attention_path
 from minilm.config import Config
 from minilm.counting import count_parameters, format_count
-from minilm.memory import attention_path
+from minilm.formatting import render_table
 from minilm.model import GPT
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal D ≈ 20·N
@@ -106,9 +107,8 @@ class FlopBreakdown:
         if self.hardware_total != self.total:
             rows += [r for r in extra if r[1]]
         if fmt == "markdown":
-            lines = ["| part | FLOPs per token | share |", "|---|---:|---:|"]
-            lines += [f"| {n} | {v:,} ({format_count(v)}) | {v / self.total:.1%} |" for n, v in rows]
-            return "\n".join(lines)
+            body = [[n, f"{v:,} ({format_count(v)})", f"{v / self.total:.1%}"] for n, v in rows]
+            return render_table(["part", "FLOPs per token", "share"], body, fmt)
         if fmt != "text":
             raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
         w = max(len(n) for n, _ in rows)
@@ -123,6 +123,7 @@ def flop_breakdown(cfg: Config, seq_len: int | None = None, device_type: str = "
     """
     s = seq_len or cfg.max_seq_len
     d, f, V, L = cfg.d_model, cfg.ff_width, cfg.vocab_size, cfg.n_layers
+    fused = attention_path(cfg.attention, cfg.dropout, device_type) == "fused"
     per_layer_mm = 4 * d * d + 2 * d * f
     scores = 4 * L * s * d
     return FlopBreakdown(
@@ -133,7 +134,7 @@ def flop_breakdown(cfg: Config, seq_len: int | None = None, device_type: str = "
         mlp=2 * L * 2 * d * f,
         lm_head=2 * V * d,
         attention_scores=scores,
-        sdpa_backward_recompute=scores // 2 if attention_path(cfg, device_type) == "fused" else 0,
+        sdpa_backward_recompute=scores // 2 if fused else 0,
         # Checkpointing re-runs each block's forward, but torch stops the recompute once every
         # tensor backward needs exists: the MLP's output projection (2·d·f) is never re-run.
         checkpoint_recompute=(2 * L * (4 * d * d + d * f) + scores) if cfg.gradient_checkpointing else 0,

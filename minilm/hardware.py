@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minilm.formatting import render_table
+
 
 @dataclass(frozen=True)
 class Accelerator:
@@ -101,18 +103,8 @@ def accelerator_table(fmt: str = "text") -> str:
         return "-" if x is None else f"{x / T:g}"
 
     rows = [[a.name, f"{a.memory_gb:g}", tf(a.bf16), tf(a.fp16), tf(a.tf32), tf(a.fp32)] for a in ACCELERATORS.values()]
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines) + "\n\nPeak TFLOP/s, dense (no sparsity), from vendor datasheets and whitepapers."
-    if fmt != "text":
-        raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in [head, *rows]
-    ]
-    return "\n".join(lines) + "\npeak TFLOP/s, dense (no sparsity), from vendor datasheets and whitepapers"
+    note = "peak TFLOP/s, dense (no sparsity), from vendor datasheets and whitepapers"
+    return render_table(head, rows, fmt, note=note.capitalize() + "." if fmt == "markdown" else note)
 
 
 def measure_matmul_flops(

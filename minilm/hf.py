@@ -1,4 +1,4 @@
-"""Load Hugging Face GPT-2 weights into a minilm :class:`~minilm.model.GPT`.
+"""Convert between Hugging Face GPT-2 and a minilm :class:`~minilm.model.GPT`, both ways.
 
 The two models hold the same numbers in slightly different containers: Hugging Face's
 ``Conv1D`` stores a Linear layer's weight as (in, out), PyTorch's ``nn.Linear`` as
@@ -8,8 +8,12 @@ The two models hold the same numbers in slightly different containers: Hugging F
     >>> hf = GPT2LMHeadModel.from_pretrained("gpt2")      # needs the internet once
     >>> model = gpt2_from_hf(hf)                          # same logits, minilm code
 
-``transformers`` is needed only to produce the Hugging Face model; this module imports it
-nowhere.
+The other direction (:func:`config_to_hf`, :func:`state_dict_to_hf`) is what
+``minilm export`` (:mod:`minilm.export`) writes; the name map below serves both, so the two
+directions cannot disagree.
+
+``transformers`` is needed only to produce or load the Hugging Face model; this module imports
+it nowhere.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from minilm.config import Config
 from minilm.model import GPT
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# minilm activation -> the Hugging Face name of the very same function: "gelu" is the exact erf
+# GELU there too, and "gelu_pytorch_tanh" calls torch's tanh approximation (gelu_new writes the
+# formula out, which rounds differently in the last bits).
+_ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 # minilm name -> (Hugging Face name, transpose?) for one block; "{i}" is the layer index.
 _BLOCK_MAP = {
@@ -102,3 +110,85 @@ def gpt2_from_hf(hf_model: Any, **overrides: Any) -> GPT:
     state = state_dict_from_hf(hf_model.state_dict(), cfg)
     model.load_state_dict(state, strict=True)
     return model
+
+
+# ---------------------------------------------------------------------------------------
+# minilm -> Hugging Face
+# ---------------------------------------------------------------------------------------
+def config_to_hf(cfg: Config, vocab_size: int | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a ``GPT2LMHeadModel`` with ``cfg``'s architecture, as a plain dict.
+
+    ``vocab_size`` (default ``cfg.vocab_size``) may be smaller than the model's: export drops the
+    padding rows no token uses (see :func:`state_dict_to_hf`). There is no BOS/EOS token: minilm's
+    tokenizers have none, and GPT-2's default 50256 would lie outside a small vocabulary.
+    """
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size if vocab_size is None else vocab_size,
+        "n_positions": cfg.max_seq_len,
+        "n_ctx": cfg.max_seq_len,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.d_ff,  # null: 4 * n_embd in both libraries
+        "activation_function": _ACTIVATIONS_TO_HF[cfg.activation],
+        "layer_norm_epsilon": 1e-5,  # torch.nn.LayerNorm's default, which minilm uses
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
+    }
+
+
+def state_dict_to_hf(
+    state: dict[str, torch.Tensor], cfg: Config, vocab_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A minilm state dict renamed (and transposed) for ``GPT2LMHeadModel``: the inverse of :func:`state_dict_from_hf`.
+
+    - ``bias: false``: GPT-2 always has biases, so zeros are written; a zero bias adds nothing,
+      the same function.
+    - ``vocab_size``: keep only the first ``vocab_size`` rows of the token embedding and the
+      head (the ids the tokenizer produces; padding rows are never used).
+    - A tied head is not stored (``tie_word_embeddings`` rebuilds it); an untied one is
+      ``lm_head.weight``.
+
+    Returns fresh contiguous tensors, none sharing memory (what ``safetensors`` requires).
+    """
+    v = cfg.vocab_size if vocab_size is None else vocab_size
+    if not 0 < v <= cfg.vocab_size:
+        raise ValueError(f"vocab_size {v} must be between 1 and the model's vocab_size {cfg.vocab_size}")
+
+    def get(name: str, out_features: int | None = None) -> torch.Tensor:
+        if name in state:
+            return state[name]
+        if name.endswith(".bias") and not cfg.bias:
+            width = out_features if out_features is not None else cfg.d_model
+            return torch.zeros(width, dtype=state["wte.weight"].dtype)
+        raise KeyError(f"minilm state dict has no '{name}'")
+
+    out = {
+        "transformer.wte.weight": get("wte.weight")[:v],
+        "transformer.wpe.weight": get("wpe.weight"),
+        "transformer.ln_f.weight": get("ln_f.weight"),
+        "transformer.ln_f.bias": get("ln_f.bias"),
+    }
+    for i in range(cfg.n_layers):
+        for ours, (theirs, transpose) in _BLOCK_MAP.items():
+            width = None
+            if ours.endswith(".bias"):  # a Linear's bias has its weight's out_features
+                weight = state.get(f"blocks.{i}.{ours[: -len('bias')]}weight")
+                width = weight.shape[0] if weight is not None and weight.dim() == 2 else None
+            t = get(f"blocks.{i}.{ours}", width)
+            out[f"transformer.h.{i}.{theirs}"] = t.t() if transpose else t
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = get("lm_head.weight")[:v]
+    return {k: t.detach().to("cpu").clone().contiguous() for k, t in out.items()}

@@ -69,8 +69,13 @@ See :data:`NOT_COUNTED` for what neither counts.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
 
+import torch
+
+from minilm import attention
 from minilm.config import Config
 from minilm.counting import count_parameters, decay_split, parameter_shapes
 
@@ -80,8 +85,9 @@ NOT_COUNTED = """\
 Not counted (by this estimate or by the measurement it is checked against):
   - the CUDA context: the driver's and PyTorch's kernels loaded on the GPU, ~0.3-1.3 GB
     per process depending on the GPU, driver and CUDA version, before any tensor exists;
-  - library workspaces: cuBLAS / cuBLASLt matmul workspaces, cuDNN and flash-attention
-    scratch, NCCL communication buffers under DDP;
+  - library workspaces that bypass PyTorch's allocator: cuDNN and flash-attention scratch,
+    NCCL communication buffers under DDP (the cuBLAS workspaces *are* counted: PyTorch
+    allocates them through its caching allocator, see :func:`cublas_workspace_bytes`);
   - the caching allocator's overhead: blocks rounded up (512 B, 2 MB segments), memory
     reserved but not in use (torch.cuda.memory_reserved() - memory_allocated()),
     fragmentation;
@@ -91,6 +97,30 @@ torch.cuda.max_memory_allocated(), which is what this estimate predicts. Leave
 10-20% headroom (and ~1 GB for the context) when choosing a GPU."""
 
 OPTIMIZER_IMPLS = ("foreach", "for-loop", "fused")
+
+MIB = 2**20
+
+
+def cublas_workspace_bytes(capability: tuple[int, int] | None = None, threads: int = 2) -> int:
+    """Bytes of cuBLAS workspace a training step holds on a CUDA device (in max_memory_allocated).
+
+    PyTorch gives every (cuBLAS handle, stream) pair a workspace from its caching allocator and
+    keeps it for the life of the process. Handles are per thread, and autograd runs backward on
+    its own device thread, so a training step uses ``threads`` = 2 workspaces: the forward's and
+    the backward's. PyTorch's default size (ATen's ``parseChosenWorkspaceSize``) is 32 MiB on
+    Hopper (compute capability 9.0) and 8 MiB + 128 KiB elsewhere; ``CUBLAS_WORKSPACE_CONFIG``
+    (``:SIZE_KiB:COUNT`` pairs) overrides it. ``capability`` None: the current CUDA device's, or
+    Hopper's when there is none (the datacenter GPUs this is planned for).
+    """
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    pairs = re.findall(r":(\d+):(\d+)", config or "")
+    if pairs:
+        size = sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    else:
+        if capability is None:
+            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        size = 32 * MIB if tuple(capability) == (9, 0) else 8 * MIB + 128 * 1024
+    return threads * size
 
 
 @dataclass(frozen=True)
@@ -130,27 +160,23 @@ class LayerActivations:
 
 
 def attention_path(cfg: Config, device_type: str = "cuda") -> str:
-    """Which attention computation runs in training: 'fused', 'manual' or 'math'.
-
-    'fused' is SDPA's flash / memory-efficient kernel (keeps no s² tensor). On CPU, SDPA
-    with dropout > 0 has no fused kernel and falls back to 'math', which materialises the
-    (b, a, s, s) probabilities like the manual path.
-    """
-    if cfg.attention == "manual":
-        return "manual"
-    return "math" if (cfg.dropout > 0 and device_type == "cpu") else "fused"
+    """Which attention computation ``cfg`` runs in training on ``device_type``: 'fused', 'manual' or 'math'."""
+    return attention.attention_path(cfg.attention, cfg.dropout, device_type)
 
 
 def _sdpa_in_fp32(cfg: Config, device_type: str) -> bool:
-    # minilm.attention runs SDPA in fp32 on CPU under autocast (its bf16 CPU kernel is slower),
-    # casting q, k, v up and the output back down.
-    return cfg.attention == "sdpa" and device_type == "cpu" and (cfg.bf16 or cfg.fp16)
+    return cfg.attention == "sdpa" and attention.sdpa_runs_in_fp32(device_type, autocast=cfg.precision != "fp32")
+
+
+def _element_bytes(cfg: Config) -> tuple[bool, int]:
+    """(autocast?, bytes per activation element): 2 under bf16/fp16 autocast, else 4."""
+    autocast = cfg.precision != "fp32"
+    return autocast, 2 if autocast else 4
 
 
 def _score_bytes(cfg: Config, device_type: str) -> tuple[int, int]:
     """(saved, backward-extra) bytes per element of the (b, a, s, s) attention probabilities."""
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
     path = attention_path(cfg, device_type)
     if path == "fused":
         return 0, 0
@@ -179,8 +205,7 @@ def _math_v_keeps_qkv(cfg: Config, batch_size: int) -> bool:
 def layer_activations(cfg: Config, batch_size: int, seq_len: int, device_type: str = "cuda") -> LayerActivations:
     """Bytes saved for backward by one block at this batch and sequence length (see the module docstring)."""
     b, s, d, a, f = batch_size, seq_len, cfg.d_model, cfg.n_heads, cfg.ff_width
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
     m = 1 if device_type == "cuda" else e  # CUDA's dropout keeps a bool mask; CPU's a mask in the input dtype
     bsd = b * s * d
     path = attention_path(cfg, device_type)
@@ -217,8 +242,7 @@ def block_forward_peak(cfg: Config, batch_size: int, seq_len: int, device_type: 
     MLP: everything the block saves, plus ln_2's fp32 output under autocast.
     """
     b, s, d, a = batch_size, seq_len, cfg.d_model, cfg.n_heads
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
     bsd = b * s * d
     layer = layer_activations(cfg, b, s, device_type)
     saved_so_far = 4 * bsd + 2 * 4 * b * s + e * bsd + layer.attention + (2 * 4 * d * d if autocast else 0)
@@ -247,7 +271,7 @@ def block_backward_extra(cfg: Config, batch_size: int, seq_len: int, device_type
     s² gradients appear, with the MLP's and projection's weight gradients.
     """
     b, s, d, a, f = batch_size, seq_len, cfg.d_model, cfg.n_heads, cfg.ff_width
-    e = 2 if (cfg.bf16 or cfg.fp16) else 4
+    _, e = _element_bytes(cfg)
     bsd = b * s * d
     mlp = e * b * s * f + 4 * d * f
     _, extra_per_score = _score_bytes(cfg, device_type)
@@ -281,6 +305,10 @@ def optimizer_temporaries(cfg: Config, impl: str = "foreach") -> int:
     return worst
 
 
+# Device types whose estimate is checked against measured steps (tests/test_memory.py, minilm.measure).
+VALIDATED_DEVICE_TYPES = ("cuda", "cpu")
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Estimated training memory of one config, in bytes, by component and by moment of the step."""
@@ -304,6 +332,12 @@ class MemoryEstimate:
     logits: int  # the fp32 log-probs cross-entropy saves (4·b·s·V)
     logits_transient: int  # the two extra fp32 b·s·V tensors early in backward
     moments: dict[str, dict[str, int]] = field(default_factory=dict)  # moment -> component -> bytes
+    workspaces: int = 0  # CUDA: cuBLAS workspaces held through the caching allocator (0 on CPU)
+
+    @property
+    def validated(self) -> bool:
+        """False where no measurement has checked the estimate: Apple MPS (see VALIDATED_DEVICE_TYPES)."""
+        return self.device_type in VALIDATED_DEVICE_TYPES
 
     @property
     def model_state(self) -> int:
@@ -334,6 +368,8 @@ class MemoryEstimate:
             f"batch {self.batch_size} x seq {self.seq_len}, {self.precision}, "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, AdamW {self.optimizer}"
         )
+        if not self.validated:
+            title += f" (unvalidated on {self.device_type}: never measured there)"
         parts = [(name, n) for name, n in self.at_peak().items() if n]
         moments = [(name, sum(c.values())) for name, c in self.moments.items()]
         if fmt == "markdown":
@@ -376,17 +412,21 @@ def estimate_training_memory(
     on CPU). ``keep_logits=True`` counts the logits as held through backward, as a loop
     that writes ``logits, loss = model(x, y)`` does (e·b·s·V bytes more).
     ``device_type`` ('cuda' or 'cpu') selects the few kernel differences (dropout mask
-    dtype, SDPA's fallback on CPU, softmax precision under autocast).
+    dtype, SDPA's fallback on CPU, softmax precision under autocast). 'mps' (Apple GPUs) is
+    accepted and computed like 'cuda', but unvalidated: ``.validated`` is False and the table says so.
     """
     if optimizer not in OPTIMIZER_IMPLS:
         raise ValueError(f"optimizer must be one of {OPTIMIZER_IMPLS}, got {optimizer!r}")
-    if device_type not in ("cuda", "cpu"):
-        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if device_type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"device_type must be 'cuda', 'cpu' or 'mps', got {device_type!r}")
+    estimated_for = device_type
+    # Apple MPS: never measured (no Mac was available), so it borrows CUDA's kernel assumptions and the
+    # estimate says it is unvalidated (MemoryEstimate.validated).
+    device_type = "cuda" if device_type == "mps" else device_type
     b = batch_size or cfg.batch_size
     s = seq_len or cfg.max_seq_len
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    autocast = cfg.bf16 or cfg.fp16
-    e = 2 if autocast else 4
+    autocast, e = _element_bytes(cfg)
 
     pc = count_parameters(cfg)
     N = pc.total
@@ -411,7 +451,10 @@ def estimate_training_memory(
     in_flight = 4 * bsd  # the fp32 gradient of the residual stream
 
     accumulating = cfg.grad_accumulation_steps > 1  # from micro-batch 2 on, gradients exist all step
+    workspaces = cublas_workspace_bytes() if device_type == "cuda" else 0
     state = {"parameters": params, "optimizer state": adam, "DDP buckets": ddp, "batch": batch}
+    if workspaces:
+        state["cuBLAS workspaces"] = workspaces
     if accumulating:
         state["gradients (previous micro-batches)"] = grads
     head_grad = 4 * V * d  # the LM head's (or the tied embedding's) gradient, made first in backward
@@ -489,6 +532,7 @@ def estimate_training_memory(
         "batch": batch,
         "gradients": grads,
         "optimizer temporaries": opt_tmp,
+        **({"cuBLAS workspaces": workspaces} if workspaces else {}),
     }
     return MemoryEstimate(
         batch_size=b,
@@ -496,7 +540,7 @@ def estimate_training_memory(
         precision=cfg.precision_label,
         gradient_checkpointing=cfg.gradient_checkpointing,
         optimizer=optimizer,
-        device_type=device_type,
+        device_type=estimated_for,
         n_parameters=N,
         parameters=params,
         gradients=grads,
@@ -510,4 +554,5 @@ def estimate_training_memory(
         logits=log_probs,
         logits_transient=ce_transient,
         moments=moments,
+        workspaces=workspaces,
     )

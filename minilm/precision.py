@@ -16,6 +16,11 @@ The rules (:func:`autocast_dtype`):
 - ``bf16: true`` on a GPU: bfloat16 where the GPU supports it (Ampere and newer), else
   float16 (with a gradient scaler: check ``dtype == torch.float16``).
 - ``fp16: true`` on a GPU: float16.
+- Apple GPUs (``device: mps``), as far as the installed PyTorch supports them
+  (:func:`mps_autocast_dtypes`): float16 autocast needs PyTorch 2.8 (autocast came in 2.5, the
+  gradient scaler on MPS in 2.8); bfloat16 autocast needs PyTorch 2.6 and macOS 14. ``fp16``
+  gives float16, else bfloat16; ``bf16`` gives bfloat16, else float16; neither available: fp32.
+  (Written from PyTorch's release notes and tested with stand-ins; never run on a Mac.)
 - neither: None (fp32).
 
 ``cpu_bf16=True`` overrides the CPU check and runs bf16 autocast on any CPU: emulated where
@@ -60,6 +65,32 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
+# The first PyTorch versions with each MPS autocast dtype (pytorch/pytorch#99272 fp16 autocast in
+# 2.5 and its GradScaler in 2.8; #139390 bf16 autocast in 2.6, which also needs macOS 14).
+MPS_FP16_TORCH = (2, 8)
+MPS_BF16_TORCH = (2, 6)
+
+
+def mps_autocast_dtypes(torch_version: str | None = None) -> tuple[torch.dtype, ...]:
+    """The autocast dtypes minilm trains with on an Apple GPU, given this PyTorch (and macOS for bf16)."""
+    from torch.torch_version import TorchVersion
+
+    version = TorchVersion(torch_version or torch.__version__)
+    found = []
+    if version >= MPS_BF16_TORCH and _macos_at_least(14):
+        found.append(torch.bfloat16)
+    if version >= MPS_FP16_TORCH:
+        found.append(torch.float16)
+    return tuple(found)
+
+
+def _macos_at_least(major: int) -> bool:
+    try:  # raises off a Mac ("without MPS backend")
+        return bool(torch.backends.mps.is_macos_or_newer(major, 0))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _device_type(device: torch.device | str) -> str:
     return torch.device(device).type
 
@@ -83,6 +114,10 @@ def autocast_dtype(cfg: Config, device: torch.device | str, cpu_bf16: bool | Non
         # including_emulation=False: a V100 or T4 can hold bf16 tensors (the default check says
         # True) but has no bf16 tensor cores; fp16 with a scaler is the fast, supported path there.
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if kind == "mps":
+        supported = mps_autocast_dtypes()
+        preferred = (torch.float16, torch.bfloat16) if cfg.fp16 else (torch.bfloat16, torch.float16)
+        return next((d for d in preferred if d in supported), None)
     return torch.bfloat16 if cfg.bf16 else torch.float16  # other accelerators: as asked
 
 
@@ -106,6 +141,12 @@ def describe_precision(cfg: Config, device: torch.device | str, cpu_bf16: bool |
     if dtype is None:
         if asked == "fp32":
             return "fp32"
+        if kind == "mps":
+            return (
+                f"fp32 ({asked} requested, but PyTorch {torch.__version__} on this Mac has no {asked} autocast on MPS: "
+                f"fp16 needs PyTorch {'.'.join(map(str, MPS_FP16_TORCH))}, bf16 PyTorch "
+                f"{'.'.join(map(str, MPS_BF16_TORCH))} and macOS 14)"
+            )
         if cpu_bf16 is False:
             return f"fp32 ({asked} requested, but cpu_bf16=False keeps this CPU in fp32)"
         return f"fp32 ({asked} requested, but this CPU has no native bf16 matmul: fp32 is faster here)"

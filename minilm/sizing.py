@@ -20,6 +20,7 @@ workspaces, and a ``headroom`` fraction for the caching allocator's fragmentatio
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -27,9 +28,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minilm.config import Config, load_config
+from minilm.config import Config, configs_dir, load_config
 from minilm.counting import count_parameters, format_count
 from minilm.flops import chinchilla_tokens, flop_breakdown, flops_per_token, tokens_per_second_at
+from minilm.formatting import format_hours, render_table
 from minilm.memory import GB, estimate_training_memory
 
 
@@ -172,29 +174,6 @@ def size_options(
     return out
 
 
-def _hours(h: float) -> str:
-    if h * 60 < 1:
-        return f"{h * 3600:.0f} s"
-    if h < 1:
-        return f"{h * 60:.0f} min"
-    return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
-
-
-def _render(head: list[str], rows: list[list[str]], fmt: str, note: str = "") -> str:
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines) + (f"\n\n{note}" if note else "")
-    if fmt != "text":
-        raise ValueError(f"fmt must be 'text' or 'markdown', got {fmt!r}")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in [head, *rows]
-    ]
-    return "\n".join(lines) + (f"\n{note}" if note else "")
-
-
 def sizing_table(options: list[SizeOption], fmt: str = "text") -> str:
     """The :func:`size_options` result as a text or markdown table."""
     head = ["config", "params", "peak GiB", "fits", "tokens/s", "20·N tokens", "time to 20·N"]
@@ -211,24 +190,40 @@ def sizing_table(options: list[SizeOption], fmt: str = "text") -> str:
             "yes" if o.fits else "NO",
             format_count(o.tokens_per_second),
             format_count(o.chinchilla_tokens),
-            _hours(o.hours_to_chinchilla),
+            format_hours(o.hours_to_chinchilla),
         ]
         if "tokens in budget" in head:
             row.append(format_count(o.tokens_in_budget) if o.tokens_in_budget is not None else "-")
         if "time to target" in head:
-            row.append(_hours(o.hours_to_target) if o.hours_to_target is not None else "-")
+            row.append(format_hours(o.hours_to_target) if o.hours_to_target is not None else "-")
         rows.append(row)
-    return _render(head, rows, fmt)
+    return render_table(head, rows, fmt)
 
 
 # ---------------------------------------------------------------------------------------
 # The design's troubleshooting advice, executable
 # ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Levers:
+    """The memory-saving changes a plan step applies, as data (its labels are derived from these)."""
+
+    precision: str | None = None  # 'bf16' or 'fp16' when autocast is switched on; None: unchanged
+    checkpointing: bool = False  # gradient checkpointing switched on
+    halvings: int = 0  # micro-batch halved this many times, accumulation doubled as often
+    n_layers: int | None = None  # a smaller model with this many layers; None: the model as configured
+
+    @property
+    def count(self) -> int:
+        """How many kinds of change are applied (0: the config as it is)."""
+        return sum([self.precision is not None, self.checkpointing, self.halvings > 0, self.n_layers is not None])
+
+
+@dataclass(frozen=True)
 class PlanStep:
     """A config with some memory-saving changes applied, and what it costs."""
 
     changes: tuple[str, ...]  # human-readable, in the order applied; empty for the original
+    levers: Levers  # the same changes, as data: plans choose by these, never by the labels
     config: Config
     peak_bytes: int
     fits: bool
@@ -275,28 +270,42 @@ class FitPlan:
             verdict = "nothing tried fits: a bigger device or more devices are needed"
         note = f"usable per device: {usable:.2f} GiB of {self.hardware.memory_gb:g} GB. {verdict}"
         note += "".join(f"\nnote: {n}" for n in self.notes)
-        return _render(head, rows, fmt, note)
+        return render_table(head, rows, fmt, note=note)
 
 
-def _lever_configs(cfg: Config, bf16_ok: bool) -> list[tuple[tuple[str, ...], Config, int]]:
-    """Every combination of precision, checkpointing and batch halvings: (changes, config, halvings)."""
-    precisions = [((), cfg)]
-    if not (cfg.bf16 or cfg.fp16):
-        name = "bf16 autocast" if bf16_ok else "fp16 autocast (+ grad scaler)"
-        precisions.append(((name,), cfg.replace(bf16=bf16_ok, fp16=not bf16_ok)))
-    out = []
+def _labels(levers: Levers, cfg: Config) -> tuple[str, ...]:
+    """The changes in words, in the order applied (``cfg``: the config before them)."""
+    labels = []
+    if levers.precision == "bf16":
+        labels.append("bf16 autocast")
+    elif levers.precision == "fp16":
+        labels.append("fp16 autocast (+ grad scaler)")
+    if levers.checkpointing:
+        labels.append("gradient checkpointing")
+    if levers.halvings:
+        k = 2**levers.halvings
+        labels.append(f"micro-batch {cfg.batch_size}->{cfg.batch_size // k}, accumulation x{k}")
+    return tuple(labels)
+
+
+def _lever_configs(cfg: Config, bf16_ok: bool) -> list[tuple[Levers, Config]]:
+    """Every combination of precision, checkpointing and batch halvings, applied to ``cfg``."""
+    precisions = [None]
+    if cfg.precision == "fp32":
+        precisions.append("bf16" if bf16_ok else "fp16")
     max_halvings = int(math.log2(cfg.batch_size)) if cfg.batch_size > 0 else 0
-    for (p_changes, p_cfg), ckpt in itertools.product(precisions, (False, True)):
+    out = []
+    for precision, ckpt in itertools.product(precisions, (False, True)):
         if ckpt and cfg.gradient_checkpointing:
             continue
-        base = p_cfg.replace(gradient_checkpointing=True) if ckpt else p_cfg
-        c_changes = p_changes + (("gradient checkpointing",) if ckpt else ())
+        base = cfg.replace(bf16=precision == "bf16", fp16=precision == "fp16") if precision else cfg
+        base = base.replace(gradient_checkpointing=True) if ckpt else base
         for k in range(max_halvings + 1):
             if cfg.batch_size % (2**k):
                 break  # keep the effective batch exact: only halve while the batch divides evenly
             b, acc = cfg.batch_size // 2**k, cfg.grad_accumulation_steps * 2**k
-            changes = c_changes + ((f"micro-batch {cfg.batch_size}->{b}, accumulation x{2**k}",) if k else ())
-            out.append((changes, base.replace(batch_size=b, grad_accumulation_steps=acc), k))
+            levers = Levers(precision=precision, checkpointing=ckpt, halvings=k, n_layers=None)
+            out.append((levers, base.replace(batch_size=b, grad_accumulation_steps=acc)))
     return out
 
 
@@ -324,10 +333,11 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     base_flops = flop_breakdown(cfg)
     base_hw_flops = base_flops.total + base_flops.checkpoint_recompute
 
-    def step(changes: tuple[str, ...], c: Config, changes_model: bool = False) -> PlanStep:
+    def step(levers: Levers, c: Config, before: Config, changes_model: bool = False) -> PlanStep:
         fb = flop_breakdown(c)
         return PlanStep(
-            changes=changes,
+            changes=_labels(levers, before),
+            levers=levers,
             config=c,
             peak_bytes=peak_bytes(c),
             fits=fits(c, hw),
@@ -336,21 +346,20 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
         )
 
     bf16_ok = _bf16_supported(hw)
-    original = step((), cfg)
-    candidates = [(step(ch, c), k) for ch, c, k in _lever_configs(cfg, bf16_ok)]
+    original = step(Levers(), cfg, cfg)
+    candidates = [step(lv, c, cfg) for lv, c in _lever_configs(cfg, bf16_ok)]
     # Each change alone (the first halving only, and the largest), to show what each knob buys.
-    singles = [s for s, k in candidates if len(s.changes) == 1]
-    options = [s for s in singles if "micro-batch" not in s.changes[0]]
-    halvings = [s for s, k in candidates if len(s.changes) == 1 and "micro-batch" in s.changes[0]]
+    singles = [s for s in candidates if s.levers.count == 1]
+    options = [s for s in singles if not s.levers.halvings]
+    halvings = [s for s in singles if s.levers.halvings]
     options += halvings[:1] + (halvings[-1:] if len(halvings) > 1 else [])
 
-    def cost(item: tuple[PlanStep, int]) -> tuple:
-        s, k = item
-        precision_changed = any("autocast" in c for c in s.changes)
-        return (s.changes_model, round(s.compute_factor, 3), k, precision_changed)
+    def cost(s: PlanStep) -> tuple:
+        lv = s.levers
+        return (s.changes_model, round(s.compute_factor, 3), lv.halvings, lv.precision is not None)
 
-    fitting = sorted((item for item in candidates if item[0].fits), key=cost)
-    best = fitting[0][0] if fitting else None
+    fitting = sorted((s for s in candidates if s.fits), key=cost)
+    best = fitting[0] if fitting else None
     notes: list[str] = []
     if cfg.fp16 and not cfg_in.fp16:
         notes.append(
@@ -360,16 +369,17 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     if best is None and allow_smaller_model:
         for n_layers in range(cfg.n_layers - 1, 0, -1):
             smaller = cfg.replace(n_layers=n_layers)
-            items = [(step(ch, c, changes_model=True), k) for ch, c, k in _lever_configs(smaller, bf16_ok)]
+            items = [step(lv, c, smaller, changes_model=True) for lv, c in _lever_configs(smaller, bf16_ok)]
             considered += len(items)
-            fitting = sorted((item for item in items if item[0].fits), key=cost)
+            fitting = sorted((s for s in items if s.fits), key=cost)
             if fitting:
-                s = fitting[0][0]
+                s = fitting[0]
                 n_old, n_new = count_parameters(cfg).total, count_parameters(smaller).total
                 label = (
                     f"smaller model: {cfg.n_layers}->{n_layers} layers ({format_count(n_old)}->{format_count(n_new)})"
                 )
-                best = PlanStep((label, *s.changes), s.config, s.peak_bytes, True, 1.0, True)
+                levers = dataclasses.replace(s.levers, n_layers=n_layers)
+                best = PlanStep((label, *s.changes), levers, s.config, s.peak_bytes, True, 1.0, True)
                 notes.append("no combination of precision, checkpointing and batch fits: the model had to shrink")
                 break
     return FitPlan(hardware=hw, original=original, options=options, best=best, considered=considered, notes=notes)
@@ -412,7 +422,7 @@ def design_claims(
     Memory is per GPU at the config's own ``batch_size``, precision, checkpointing and
     ``world_size``. Throughput, if ``throughput_device`` is given, is one such GPU at ``mfu``.
     """
-    config_dir = Path(config_dir) if config_dir else Path(__file__).resolve().parent.parent / "configs" / "training"
+    config_dir = Path(config_dir) if config_dir else configs_dir() / "training"
     out = []
     for name, claim in DESIGN_CLAIMS.items():
         path = config_dir / f"{name}_model.json"
@@ -472,4 +482,90 @@ def design_claims_table(
         "Estimated peak per GPU of one training step (tensors only; fits = under memory x 0.9 - 1 GB). "
         "Sequence length 1024 throughout."
     )
-    return _render(head, rows, fmt, note)
+    return render_table(head, rows, fmt, note=note)
+
+
+# ---------------------------------------------------------------------------------------
+# Scaling: loss against compute, and the compute-optimal size (Hoffmann et al. 2022)
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScalingLaw:
+    """A parametric loss fit ``L(N, D) = E + A / N**alpha + B / D**beta``.
+
+    ``N`` is parameters (all of them, embeddings included), ``D`` training tokens, ``L``
+    the loss in nats per token on the fit's own data and tokenizer: the numbers carry over
+    to another corpus only as a shape, never as values. Training compute is ``C = 6·N·D``
+    FLOPs. Every method takes floats or NumPy arrays (it is arithmetic only).
+
+    Along an iso-FLOP line (``D = C / 6N``) the loss has one minimum. Setting
+    ``dL/dN = 0`` gives ``alpha·A·N**-alpha = beta·B·(6N/C)**beta``, so
+
+        N_opt(C) = G · (C/6) ** (beta / (alpha+beta)),   G = (alpha·A / (beta·B)) ** (1 / (alpha+beta))
+        D_opt(C) = (C/6) / N_opt(C) = (C/6) ** (alpha / (alpha+beta)) / G
+    """
+
+    E: float  # irreducible loss, nats/token
+    A: float
+    B: float
+    alpha: float  # exponent of N
+    beta: float  # exponent of D
+    source: str = ""
+
+    def loss(self, n_parameters, tokens):
+        """Predicted loss (nats/token) of N parameters trained on D tokens."""
+        return self.E + self.A / n_parameters**self.alpha + self.B / tokens**self.beta
+
+    def iso_flop_loss(self, flops, n_parameters):
+        """Predicted loss of N parameters trained with ``flops`` FLOPs (so on D = C / 6N tokens)."""
+        return self.loss(n_parameters, flops / (6 * n_parameters))
+
+    @property
+    def parameter_exponent(self) -> float:
+        """a in N_opt ∝ C**a: beta / (alpha + beta)."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def _g(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+
+    def optimal_parameters(self, flops):
+        """N_opt(C): the parameter count with the lowest predicted loss for ``flops`` FLOPs."""
+        return self._g * (flops / 6) ** self.parameter_exponent
+
+    def optimal_tokens(self, flops):
+        """D_opt(C) = C / (6·N_opt): the tokens that go with :meth:`optimal_parameters`."""
+        return flops / (6 * self.optimal_parameters(flops))
+
+    def optimal_loss(self, flops):
+        """The lowest predicted loss ``flops`` FLOPs can buy."""
+        return self.iso_flop_loss(flops, self.optimal_parameters(flops))
+
+
+# Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 3
+# (eq. 10 / appendix D): the rounded constants the paper's text reports. Besiroglu et al. 2024
+# ("Chinchilla scaling: a replication attempt") refit the same data and found the optimum's
+# tokens per parameter closer to approaches 1 and 2 (about 20): read this fit as a shape.
+CHINCHILLA = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, source="Hoffmann et al. 2022, approach 3")
+
+
+def rule_of_thumb_parameters(flops: float, tokens_per_parameter: float = 20) -> float:
+    """N for a compute budget under the two rules of thumb D = 20·N and C = 6·N·D: sqrt(C / 120)."""
+    return math.sqrt(flops / (6 * tokens_per_parameter))
+
+
+def budget_flops(hw: Hardware, hours: float) -> float:
+    """Training FLOPs ``hw`` delivers in ``hours``: dense peak FLOP/s × MFU × devices × seconds.
+
+    An accelerator name is priced at its bf16 peak (fp16 where it has no bf16), as a
+    mixed-precision run would use it; a number is taken as FLOP/s.
+    """
+    if hw.peak_flops is None:
+        raise ValueError("budget_flops needs a Hardware with peak_flops (FLOP/s or an accelerator name)")
+    if isinstance(hw.peak_flops, str):
+        from minilm.hardware import get_accelerator
+
+        acc = get_accelerator(hw.peak_flops)
+        peak = acc.bf16 if acc.bf16 is not None else acc.peak("fp16")
+    else:
+        peak = float(hw.peak_flops)
+    return peak * hw.mfu * hw.n_devices * hours * 3600

@@ -1,44 +1,20 @@
-"""The training loop: AdamW, warmup + cosine schedule, mixed precision, accumulation, checkpoints, DDP.
+"""The training loop: a :class:`Trainer` runs named steps (:mod:`minilm.step`) from a config to a checkpoint.
 
-From a notebook::
-
-    >>> from minilm import load_config
-    >>> from minilm.trainer import Trainer
-    >>> cfg = load_config("configs/training/tiny_model.json", overrides={"max_steps": 200})
-    >>> trainer = Trainer(cfg)
-    >>> trainer.add_callback("on_eval", lambda tr, rec: print(rec["step"], rec["val_loss"]))
-    >>> result = trainer.train()          # TrainResult: final losses, history, sample, checkpoint
+    >>> from minilm import Trainer, load_config
+    >>> result = Trainer(load_config("tiny", overrides={"max_steps": 200})).train()
     >>> result.val_loss, result.unigram_loss
-    >>> Trainer(cfg, resume_from_checkpoint="outputs/tiny/checkpoint-200").train()
 
-From a shell (see :mod:`minilm.cli`)::
-
-    python train.py --config configs/training/tiny_model.json
-    python train.py --config configs/training/tiny_model.json --resume_from_checkpoint outputs/tiny/checkpoint-400
-    torchrun --nproc_per_node=2 train.py --config configs/training/tiny_model.json --world_size 2
-
-One optimizer step, in order:
-
-1. set the learning rate for this step (:func:`lr_at`: linear warmup, then cosine decay);
-2. for each of ``grad_accumulation_steps`` micro-batches: forward under the precision
-   context, backward of ``loss / k`` (so the summed gradient is the mean over the k
-   micro-batches); under DDP the gradient all-reduce runs only on the last one;
-3. stop if the loss is not finite (before any weight changes);
-4. unscale (fp16 only), clip the global gradient norm, ``optimizer.step()``, zero grads;
-5. log, evaluate every ``eval_steps``, checkpoint every ``save_steps``.
-
-Precision is one switch (nanoGPT's habit): ``nullcontext()`` for fp32, ``torch.autocast``
-for bf16/fp16, and a ``GradScaler`` that is a no-op unless fp16. The loop has no other
-precision branches.
+From a shell: ``python train.py --config configs/training/tiny_model.json`` (see :mod:`minilm.cli`
+and docs/training.md for resume, accumulation, precision and ``torchrun``). Each step sets the
+learning rate (:func:`minilm.optim.lr_at`), accumulates gradients over the micro-batches, stops
+before the weights change if the loss or gradient is not finite, clips, steps AdamW, then logs,
+evaluates every ``eval_steps`` and saves every ``save_steps``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,15 +27,16 @@ from tqdm.auto import tqdm
 
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
+from minilm import report
 from minilm import step as one_step
 from minilm.checkpoint import CheckpointError
 from minilm.config import SHAPE_FIELDS, Config
-from minilm.counting import parameter_table
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
 from minilm.flops import flops_per_token
 from minilm.flops import mfu as model_flops_utilisation
 from minilm.generation import generate_text  # re-exported: minilm.trainer.generate_text still works
 from minilm.hardware import device_peak_flops
+from minilm.interrupts import stop_on_signals
 from minilm.model import GPT
 from minilm.optim import default_impl, lr_at, make_optimizer
 from minilm.precision import autocast_dtype, mixed_precision
@@ -598,74 +575,17 @@ class Trainer:
         return f"non-finite {what} ({value}) at step {self.step}: training stopped; {kept}. {NOT_CONVERGING_ADVICE}"
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        """On SIGINT/SIGTERM, ask the loop to save and stop; a second SIGINT interrupts at once."""
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+        if not self.handle_signals:
             return lambda: None
-
-        pid = os.getpid()
-
-        def handler(signum, frame):
-            if os.getpid() != pid:
-                return  # a forked data-loader worker inherited this handler: it keeps serving the main process
-            name = signal.Signals(signum).name
-            if self._stop_reason is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_reason = f"received {name}"
-            if self.is_main:
-                tqdm.write(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again quits now)")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
+        return stop_on_signals(self, announce=self.is_main)
 
     def _print_header(self) -> None:
-        if not self.verbose:
-            return
-        cfg = self.cfg
-        print(parameter_table(cfg))
-        world = f", {self.dist.world_size} processes" if self.dist.enabled else ""
-        print(
-            f"device {self.device}{world}, {self.precision_name}"
-            + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-            + (", torch.compile" if cfg.compile else "")
-        )
-        print(
-            f"data: {cfg.dataset}, {self.tokenizer.kind} tokenizer with {self.tokenizer.vocab_size} ids, "
-            f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} validation tokens"
-        )
-        print(
-            f"{cfg.tokens_per_step:,} tokens per step (batch {cfg.batch_size} x accumulation "
-            f"{cfg.grad_accumulation_steps} x {self.dist.world_size} processes x {cfg.max_seq_len} tokens), "
-            f"{self.flops_per_token:,} model FLOPs per token"
-            + (f"; MFU against the {self.peak_source}, {self.peak_flops / 1e12:g} TFLOP/s" if self.peak_flops else "")
-        )
-        print(f"unigram baseline (validation): {self.unigram_loss:.4f} nats/token: the loss to get below")
+        if self.verbose:
+            print(report.run_header(self))
 
     def _print_summary(self, r: TrainResult) -> None:
-        if not self.verbose:
-            return
-        print(f"{r.status}: {r.message}")
-        if r.val_loss is not None:
-            print(
-                f"validation loss {r.val_loss:.4f} at step {r.val_step} (perplexity {r.val_perplexity:.2f}) "
-                f"vs unigram baseline {r.unigram_loss:.4f}"
-            )
-        speed = f"{r.tokens_per_s:,.0f} training tokens/s = {r.tokens_per_s * self.flops_per_token / 1e12:.3g} TFLOP/s"
-        if r.mfu is not None:
-            n = f"{self.dist.world_size} x " if self.dist.world_size > 1 else ""
-            speed += f", MFU {r.mfu:.1%} (of {n}the {self.peak_source})"
-        print(f"{speed}; {r.wall_time_s:.1f} s in train()")
-        if r.warmup_s and r.step > 1:
-            what = "compiling (torch.compile) and warm-up" if self.cfg.compile else "warm-up"
-            print(f"first step: {r.warmup_s:.1f} s of {what}, not counted in tokens/s")
-        if r.checkpoint:
-            print(f"checkpoint: {r.checkpoint}")
-        if r.sample is not None:
-            print("sample:\n" + r.sample)
+        if self.verbose:
+            print(report.run_summary(self, r))
 
 
 def train(cfg: Config, **kwargs: Any) -> TrainResult:

@@ -38,21 +38,11 @@ from typing import Any
 
 from minilm.config import FIELDS, Config, ConfigError, config_from_dict, field_nullable, field_type, load_config
 from minilm.counting import ParameterCount, count_parameters, format_count
+from minilm.flops import flops_per_token
+from minilm.memory import estimate_training_memory
 
 GROUPS = ("model", "data", "training", "system", "meta")
 DERIVED = ("estimated_parameters",)  # computed by the editor, not typed in
-
-
-def _optional(module: str):
-    """A library module that may not exist yet in this checkout (None then); import errors inside it still raise."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"minilm.{module}")
-    except ModuleNotFoundError as e:
-        if e.name != f"minilm.{module}":
-            raise
-        return None
 
 
 class ConfigEditor:
@@ -142,18 +132,16 @@ class ConfigEditor:
     @property
     def flops_per_token(self) -> int | None:
         """Training FLOPs per token (forward + backward) from :mod:`minilm.flops`, or None."""
-        flops = _optional("flops")
-        if self._config is None or flops is None:
+        if self._config is None:
             return None
-        return flops.flops_per_token(self._config)
+        return flops_per_token(self._config)
 
     @property
     def memory(self):
         """The :class:`minilm.memory.MemoryEstimate` of one training step, or None."""
-        memory = _optional("memory")
-        if self._config is None or memory is None:
+        if self._config is None:
             return None
-        return memory.estimate_training_memory(self._config, device_type=self.memory_device)
+        return estimate_training_memory(self._config, device_type=self.memory_device)
 
     def readout(self) -> str:
         """The readouts as plain text (what the form shows, minus the chart)."""
@@ -322,7 +310,7 @@ class _EditorUI:
             # Unbounded on purpose (as are the float boxes below): a Bounded*Text or a slider's typed
             # readout clamps an out-of-range number to the nearest limit without a word, so the user
             # would see a valid config that is not what they typed. The config's validation reports it.
-            shown = value if value is not None else (4 * self.editor.get("d_model") if name == "d_ff" else lo or 0)
+            shown = value if value is not None else self._auto_value(name, lo or 0)
             if "widget_max" in m:
                 control = w.IntText(value=shown, **{**common, "layout": self._box_layout})
                 # For dragging through the usual range. No readout: a number typed there would be
@@ -359,6 +347,30 @@ class _EditorUI:
         if name in self._auto:
             parts.append(self._auto[name])
         return w.HBox([*parts, help_text])
+
+    def _auto_value(self, name: str, default: int = 0) -> int:
+        """What an "auto" (None) field resolves to, for its greyed-out box: d_ff -> 4 * d_model."""
+        d_model = self.editor.get("d_model")
+        if name == "d_ff" and isinstance(d_model, int) and not isinstance(d_model, bool):
+            return 4 * d_model
+        return default
+
+    def _show_auto_values(self) -> None:
+        """Keep each ticked "auto" box showing the value it resolves to now (d_ff follows d_model)."""
+        self._syncing = True
+        try:
+            for name, auto in self._auto.items():
+                if not auto.value or self.editor.get(name) is not None:
+                    continue
+                shown = self._auto_value(name, self.controls[name].value)
+                self.controls[name].value = shown
+                slider = self.sliders.get(name)
+                if slider is not None:
+                    slider.max = max(slider.max, shown)
+                    slider.min = min(slider.min, shown)
+                    slider.value = shown
+        finally:
+            self._syncing = False
 
     def _set_disabled(self, name: str, control, disabled: bool) -> None:
         control.disabled = disabled
@@ -411,9 +423,11 @@ class _EditorUI:
                     slider.value = value
         finally:
             self._syncing = False
+        self._show_auto_values()  # a field just set to None ("auto") shows what it resolves to
 
     def update_readouts(self) -> None:
         ed = self.editor
+        self._show_auto_values()
         if ed.error:
             self.error.value = f"<div style='color:#b00'><b>invalid:</b> {_escape(ed.error)}</div>"
         else:

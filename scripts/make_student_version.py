@@ -1,24 +1,33 @@
-"""Write student copies of the lesson notebooks: solutions blanked, outputs cleared.
+"""Write student copies of the lesson notebooks: solutions blanked, hidden tests removed, outputs cleared.
 
-Solutions are marked as in nbgrader::
+Solutions and hidden tests are marked as in nbgrader::
 
-    ### BEGIN SOLUTION
-    answer_1 = 4 * d * d + 4 * d
-    ### END SOLUTION
-    my[0].check(answer_1)
+    def count_parameters(V, d, L, P, d_ff=None, bias=True, tied=True):
+        ### BEGIN SOLUTION
+        ...
+        ### END SOLUTION
 
-Each marked block is replaced by a blank the student fills in: one
-``name = None  # YOUR ANSWER HERE`` line for each name the block's last statement
-assigns (so the rest of the notebook still runs, and the checker answers "not answered
-yet"), or ``# YOUR CODE HERE`` when the block ends otherwise. In markdown cells the block
-becomes "YOUR ANSWER HERE". Every output, execution count and stored widget state is
-removed, so no answer survives in an output either.
+    check(count_parameters)
+    ### BEGIN HIDDEN TESTS
+    check(count_parameters, [(32000, 512, 6, 512, 1536, False, False)])
+    ### END HIDDEN TESTS
+
+A solution block becomes what nbgrader's ``generate_assignment`` writes,
+``# YOUR CODE HERE`` and ``raise NotImplementedError()`` at the block's indentation, with
+one exception kept for the in-class practice exercises: a block whose last statement
+assigns names becomes one ``name = None  # YOUR ANSWER HERE`` line per name (so the rest
+of the notebook still runs, and the checker answers "not answered yet"). In markdown cells
+a block becomes "YOUR ANSWER HERE". Hidden tests are removed with their markers. Cells
+with nbgrader metadata become undeletable, and locked ones read-only, as nbgrader makes
+them. Every output, execution count and stored widget state is removed, so no answer
+survives in an output either. For the graded notebook the result is cell for cell what
+``nbgrader generate_assignment`` releases (tests/test_student_version.py checks it).
 
     python scripts/make_student_version.py                   # notebooks/*.ipynb -> student/
-    python scripts/make_student_version.py notebooks/02_*.ipynb --out /tmp/class
+    python scripts/make_student_version.py notebooks/12_graded_exercises.ipynb --out release/
 
-The default output folder, ``student/``, sits next to ``notebooks/`` so the notebooks'
-relative paths (``../configs``) still resolve.
+The notebooks find the shipped configs with ``minilm.config.config_path``, so the copies
+run from any folder.
 """
 
 from __future__ import annotations
@@ -33,15 +42,13 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
-_MARKER = re.compile(r"^[ \t]*### (BEGIN|END) SOLUTION", re.M)
-_BLOCK = re.compile(
-    r"^(?P<indent>[ \t]*)### BEGIN SOLUTION[^\n]*\n(?P<body>.*?)^[ \t]*### END SOLUTION[^\n]*(?:\n|$)",
-    re.M | re.S,
-)
+_MARKER = re.compile(r"^[ \t]*### (BEGIN|END) (SOLUTION|HIDDEN TESTS)", re.M)
+CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")  # nbgrader's ClearSolutions.code_stub
+TEXT_STUB = "YOUR ANSWER HERE"
 
 
 class MarkerError(ValueError):
-    """A BEGIN without an END (or the reverse): refuse rather than leak a solution."""
+    """A BEGIN without an END (or the reverse): refuse rather than leak a solution or a hidden test."""
 
 
 def _assigned_names(code: str) -> list[str]:
@@ -67,21 +74,38 @@ def _assigned_names(code: str) -> list[str]:
 
 
 def strip_source(source: str, cell_type: str = "code") -> tuple[str, int]:
-    """``source`` with every solution block blanked, and how many blocks there were."""
-
-    def blank(m: re.Match) -> str:
-        indent = m.group("indent")
-        if cell_type != "code":
-            return f"{indent}YOUR ANSWER HERE\n"
-        names = _assigned_names(m.group("body"))
-        if not names:
-            return f"{indent}# YOUR CODE HERE\n"
-        return "".join(f"{indent}{name} = None  # YOUR ANSWER HERE\n" for name in names)
-
-    stripped, n = _BLOCK.subn(blank, source)
-    if _MARKER.search(stripped):
-        raise MarkerError(f"unmatched solution marker in:\n{source}")
-    return stripped, n
+    """``source`` with every solution block blanked and every hidden test removed, and how many
+    solution blocks there were. Works line by line, as nbgrader does."""
+    out: list[str] = []
+    block: list[str] | None = None  # the solution being skipped
+    hidden = False
+    n = indent = 0
+    for line in source.split("\n"):
+        marker = line.strip()
+        if block is None and not hidden and marker.startswith("### BEGIN SOLUTION"):
+            block, indent, n = [], len(line) - len(line.lstrip()), n + 1
+        elif block is not None and marker.startswith("### END SOLUTION"):
+            pad = line[:indent] if line[:indent].isspace() else " " * indent
+            if cell_type != "code":
+                out.append(pad + TEXT_STUB)
+            else:
+                names = _assigned_names("\n".join(block))
+                stub = [f"{name} = None  # YOUR ANSWER HERE" for name in names] if names else list(CODE_STUB)
+                out += [pad + s for s in stub]
+            block = None
+        elif block is None and not hidden and marker.startswith("### BEGIN HIDDEN TESTS"):
+            hidden = True
+        elif hidden and marker.startswith("### END HIDDEN TESTS"):
+            hidden = False
+        elif block is not None:
+            block.append(line)
+        elif not hidden:
+            if _MARKER.match(line):
+                raise MarkerError(f"unmatched marker {marker!r} in:\n{source}")
+            out.append(line)
+    if block is not None or hidden:
+        raise MarkerError(f"a BEGIN marker without its END in:\n{source}")
+    return "\n".join(out), n
 
 
 def strip_notebook(nb: nbformat.NotebookNode) -> tuple[nbformat.NotebookNode, int]:
@@ -95,6 +119,11 @@ def strip_notebook(nb: nbformat.NotebookNode) -> tuple[nbformat.NotebookNode, in
             cell.outputs = []
             cell.execution_count = None
         cell.metadata.pop("execution", None)
+        grader = cell.metadata.get("nbgrader", {})
+        if grader.get("solution") or grader.get("grade") or grader.get("locked"):
+            cell.metadata["deletable"] = False  # as nbgrader's LockCells: graded cells stay
+        if grader.get("locked") and not grader.get("solution"):
+            cell.metadata["editable"] = False
     nb.metadata.pop("widgets", None)
     return nb, total
 

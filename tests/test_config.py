@@ -97,12 +97,12 @@ def test_choices_listed(tmp_path):
         load_config(write(tmp_path, {"attention": "flash"}))
 
 
-@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:12"])
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:7", "cuda:12", "mps"])
 def test_device_accepts_what_local_device_resolves(device):
     assert Config(device=device).device == device
 
 
-@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:01", "cuda:-1", " cpu", "cuda0", "mps", ""])
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:01", "cuda:-1", " cpu", "cuda0", "MPS", "metal", ""])
 def test_device_rejected_names_the_field_and_the_forms(tmp_path, device):
     # Caught on load (exit 2 from train.py), not later as a raw torch RuntimeError.
     with pytest.raises(ConfigError, match=r"cfg\.json: field 'device' must be one of 'auto', 'cpu', 'cuda'.*'cuda:N'"):

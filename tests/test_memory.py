@@ -153,3 +153,20 @@ def test_breakdown_is_consistent_and_printable():
 def test_not_counted_says_why_nvidia_smi_shows_more():
     for phrase in ("CUDA context", "fragmentation", "cuBLAS", "NCCL", "nvidia-smi", "max_memory_allocated"):
         assert phrase in NOT_COUNTED
+
+
+def test_cuda_estimate_counts_two_cublas_workspaces(monkeypatch):
+    """PyTorch allocates one cuBLAS workspace per (handle, stream); forward and backward run on
+    two threads, so two. This was the ~65 MiB that max_memory_allocated showed above the estimate."""
+    from minilm.memory import MIB, cublas_workspace_bytes
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert cublas_workspace_bytes((9, 0)) == 2 * 32 * MIB  # Hopper
+    assert cublas_workspace_bytes((8, 0)) == 2 * (8 * MIB + 128 * 1024)  # Ampere and others
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the documented deterministic setting
+    assert cublas_workspace_bytes((9, 0)) == 2 * 4096 * 1024 * 8
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    cfg = Config(vocab_size=512, d_model=64, n_heads=4, n_layers=2, max_seq_len=64, batch_size=2)
+    gpu, cpu = estimate_training_memory(cfg, device_type="cuda"), estimate_training_memory(cfg, device_type="cpu")
+    assert cpu.workspaces == 0 and gpu.workspaces == cublas_workspace_bytes()
+    assert all(moment["cuBLAS workspaces"] == gpu.workspaces for moment in gpu.moments.values())

@@ -81,7 +81,9 @@ def test_a_config_that_already_fits_needs_no_change():
 def test_checkpointing_is_chosen_when_halving_is_not_enough():
     # Batch 1 cannot be halved: only checkpointing (and precision) are left.
     cfg = shipped("base").replace(batch_size=1, grad_accumulation_steps=1, bf16=True, max_seq_len=4096)
-    hw = Hardware(memory_gb=float(estimate_training_memory(cfg).peak_bytes / GB * 0.8 + 1))
+    checkpointed = estimate_training_memory(cfg.replace(gradient_checkpointing=True)).peak_bytes
+    between = (checkpointed + estimate_training_memory(cfg).peak_bytes) / 2 / GB  # usable memory to aim for
+    hw = Hardware(memory_gb=float((between + 1) / 0.9))  # 10% headroom and 1 GB for the CUDA context
     assert not fits(cfg, hw)
     plan = plan_to_fit(cfg, hw)
     assert plan.best is not None and plan.best.config.gradient_checkpointing
@@ -172,3 +174,79 @@ def test_bf16_config_on_a_gpu_without_bf16_is_planned_in_fp16():
     assert plan.original.config.fp16 and not plan.original.config.bf16
     assert any("no bf16" in n for n in plan.notes) and "no bf16" in plan.table()
     assert not any(n for n in plan_to_fit(cfg, Hardware.from_accelerator("A100 80GB")).notes)
+
+
+def test_the_planner_chooses_by_its_levers_not_by_its_labels(monkeypatch):
+    """Rewording every label changes no decision: plans compare typed levers, never words."""
+    import minilm.sizing as sizing
+
+    cfg = shipped("base").replace(batch_size=64, bf16=False)
+    before = plan_to_fit(cfg, Hardware(memory_gb=16))
+    monkeypatch.setattr(sizing, "_labels", lambda levers, cfg: tuple("lever" for _ in range(3)))
+    after = plan_to_fit(cfg, Hardware(memory_gb=16))
+    assert after.best.levers == before.best.levers and after.best.config == before.best.config
+    assert [s.levers for s in after.options] == [s.levers for s in before.options] != []
+    lv = before.best.levers
+    assert before.best.config.batch_size == cfg.batch_size // 2**lv.halvings
+    assert before.best.config.gradient_checkpointing == lv.checkpointing
+
+
+# --- scaling: the Chinchilla fit and the compute-optimal size ---------------------------
+from minilm.sizing import CHINCHILLA, ScalingLaw, budget_flops, rule_of_thumb_parameters  # noqa: E402
+
+
+def _numeric_argmin_along_iso_flop(law: ScalingLaw, flops: float) -> float:
+    """Minimise L(N, C/6N) over log N by golden-section search: no formula, only evaluations."""
+    lo, hi = math.log(1e3), math.log(flops / 6 / 1e3)  # at least 1,000 parameters and 1,000 tokens
+    phi = (math.sqrt(5) - 1) / 2
+    for _ in range(200):
+        a, b = hi - phi * (hi - lo), lo + phi * (hi - lo)
+        if law.iso_flop_loss(flops, math.exp(a)) < law.iso_flop_loss(flops, math.exp(b)):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2)
+
+
+def test_chinchilla_constants_are_the_published_approach_3_fit():
+    assert (CHINCHILLA.E, CHINCHILLA.A, CHINCHILLA.B, CHINCHILLA.alpha, CHINCHILLA.beta) == (
+        1.69,
+        406.4,
+        410.7,
+        0.34,
+        0.28,
+    )
+    assert CHINCHILLA.loss(70e9, 1.4e12) == pytest.approx(1.69 + 406.4 / 70e9**0.34 + 410.7 / 1.4e12**0.28)
+
+
+@pytest.mark.parametrize("flops", [1e15, 5.7e18, 1e21, 5.76e23])
+def test_closed_form_optimum_equals_a_numeric_minimisation_along_the_iso_flop_line(flops):
+    n_opt = CHINCHILLA.optimal_parameters(flops)
+    assert n_opt == pytest.approx(_numeric_argmin_along_iso_flop(CHINCHILLA, flops), rel=1e-6)
+    assert 6 * n_opt * CHINCHILLA.optimal_tokens(flops) == pytest.approx(flops)  # on the budget
+    best = CHINCHILLA.optimal_loss(flops)
+    for factor in (0.5, 0.9, 1.1, 2.0):  # any other size on the same budget does worse
+        assert CHINCHILLA.iso_flop_loss(flops, n_opt * factor) > best
+
+
+def test_closed_form_holds_for_another_law_and_scales_as_a_power_of_compute():
+    law = ScalingLaw(E=1.0, A=100.0, B=1000.0, alpha=0.5, beta=0.25)
+    assert law.optimal_parameters(1e20) == pytest.approx(_numeric_argmin_along_iso_flop(law, 1e20), rel=1e-6)
+    # N_opt ∝ C**(beta/(alpha+beta)): 1000x the compute -> 1000**(1/3) = 10x the parameters
+    assert law.optimal_parameters(1e21) / law.optimal_parameters(1e18) == pytest.approx(10.0)
+    # more compute never predicts a higher best loss, and never below E
+    losses = [CHINCHILLA.optimal_loss(c) for c in (1e17, 1e19, 1e21, 1e23)]
+    assert losses == sorted(losses, reverse=True) and min(losses) > CHINCHILLA.E
+
+
+def test_one_rtx_4090_day_is_compute_optimal_near_220m_by_the_rules_of_thumb():
+    """docs/concepts/sizing.md: the day's FLOPs with D = 20N and C = 6ND give ~218M parameters."""
+    hw = Hardware.from_accelerator("RTX 4090", mfu=0.4)
+    flops = budget_flops(hw, hours=24)
+    assert flops == pytest.approx(165.2e12 * 0.4 * 86400)
+    n = rule_of_thumb_parameters(flops)
+    assert 6 * n * 20 * n == pytest.approx(flops) and 210e6 < n < 225e6
+    assert count_parameters(shipped("base")).total < n < count_parameters(shipped("large")).total
+    assert budget_flops(Hardware.from_accelerator("T4", n_devices=4), 1) == pytest.approx(65e12 * 0.4 * 4 * 3600)
+    with pytest.raises(ValueError, match="peak_flops"):
+        budget_flops(Hardware(memory_gb=16), 1)

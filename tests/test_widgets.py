@@ -1,6 +1,5 @@
 """The config editor, driven headless: set values, read the readouts, save, load back."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from minilm.widgets import DERIVED, ConfigEditor
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "training" / "small_model.json"
-has = {m: importlib.util.find_spec(f"minilm.{m}") is not None for m in ("flops", "memory")}
 
 
 @pytest.fixture
@@ -41,7 +39,6 @@ def test_set_updates_the_readouts(editor):
     assert editor.get("estimated_parameters") == 124_439_808
 
 
-@pytest.mark.skipif(not has["memory"], reason="minilm.memory not in this checkout")
 def test_memory_readout_follows_the_library(editor):
     from minilm.memory import estimate_training_memory
 
@@ -50,7 +47,6 @@ def test_memory_readout_follows_the_library(editor):
     assert "GiB" in editor.readout()
 
 
-@pytest.mark.skipif(not has["flops"], reason="minilm.flops not in this checkout")
 def test_flops_readout_follows_the_library(editor):
     from minilm.flops import flops_per_token
 
@@ -206,3 +202,19 @@ def test_save_button_reports_errors_and_success(editor):
     ui.save_button.click()
     assert "saved" in ui.save_status.value
     assert load_config(editor.save_dir / "from_button.json") == editor.config
+
+
+def test_auto_d_ff_box_follows_d_model(editor):
+    """With "auto" ticked the d_ff box shows 4 * d_model, not the value it had when the form was built."""
+    editor.widget  # noqa: B018 -- build the form
+    ui, box = editor._ui, editor.controls["d_ff"]
+    ui._auto["d_ff"].value = True  # tick "auto" in the form
+    assert editor.get("d_ff") is None and box.value == 4 * 512
+    editor.controls["d_model"].value = 768  # typed into the form
+    assert editor.config.ff_width == 3072 and box.value == 3072 and ui.sliders["d_ff"].value == 3072
+    editor.set(d_model=1024)  # set from code
+    assert box.value == 4096 and ui.sliders["d_ff"].max >= 4096
+    editor.set(d_model=640, d_ff=1000)  # a fixed d_ff is kept, not overwritten by the auto rule
+    assert not ui._auto["d_ff"].value and box.value == 1000
+    editor.set(d_ff=None)  # back to auto from code: the box shows the resolved width at once
+    assert ui._auto["d_ff"].value and box.value == 2560
