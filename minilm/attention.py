@@ -20,14 +20,39 @@ def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     """softmax(q kᵀ / √D + causal mask) v, written out step by step.
 
     q, k, v: (B, H, T, D) -> (B, H, T, D). ``dropout`` acts on the attention weights.
+    With a KV cache, k and v hold S >= T positions: the queries are the last T of them.
     """
-    T, D = q.shape[-2], q.shape[-1]
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)  # (B, H, T, T)
-    # Position i may look at positions j <= i only: mask the strict upper triangle.
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)  # (B, H, T, S)
+    # Query i sits at position S - T + i and may look at positions j <= S - T + i only.
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=1 + S - T)
     scores = scores.masked_fill(future, float("-inf"))
-    weights = dropout(torch.softmax(scores, dim=-1))  # (B, H, T, T), rows sum to 1
+    weights = dropout(torch.softmax(scores, dim=-1))  # (B, H, T, S), rows sum to 1
     return torch.einsum("bhij,bhjd->bhid", weights, v)  # (B, H, T, D)
+
+
+class KVCache:
+    """One attention layer's keys and values of the positions already processed (generation only).
+
+    A causal model's keys and values at a position never change once computed: later tokens
+    cannot influence them. So generation keeps them and feeds only the new token, whose query
+    attends to every cached key, instead of recomputing the whole context for each token.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # (B, H, positions so far, D)
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        """Positions held so far."""
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' k, v (B, H, T, D); returns the keys and values of all positions so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
+        self.k, self.v = k, v
+        return k, v
 
 
 def attention_path(impl: str, dropout: float, device_type: str) -> str:
@@ -75,17 +100,26 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:  # x: (B, T, C)
         # Split the fused projection into q, k, v and each into heads: (3, B, H, T, D).
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
+        mask = None  # None: plain causal attention over these T positions
+        if cache is not None:
+            past = len(cache)
+            k, v = cache.append(k, v)  # (B, H, S, D): the cached positions, then these T
+            if past > 0:  # the queries are the last T of S positions: query i sees keys j <= past + i
+                T, S = q.shape[-2], k.shape[-2]
+                mask = ~torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=1 + past)  # True: may attend
         if self.impl == "sdpa":
             p = self.dropout_p if self.training else 0.0
             if sdpa_runs_in_fp32(q.device.type, torch.is_autocast_enabled("cpu")):
                 with torch.autocast("cpu", enabled=False):
-                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=p, is_causal=True)
+                    y = F.scaled_dot_product_attention(
+                        q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=mask is None
+                    )
                 y = y.to(q.dtype)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         else:
             y = manual_attention(q, k, v, self.attn_dropout)
         y = rearrange(y, "b h t d -> b t (h d)")  # re-join heads: (B, T, C)

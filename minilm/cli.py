@@ -16,6 +16,7 @@ command does::
     minilm train --config configs/training/tiny_model.json --max_steps 100
     minilm train --config configs/training/tiny_model.json --resume_from_checkpoint latest
     minilm sample --checkpoint outputs/tiny/checkpoint-600 --prompt "ROMEO:" --max_new_tokens 200
+    minilm sample --checkpoint outputs/tiny --top_k 0 --top_p 0.9   # nucleus sampling (see minilm.generation)
     python train.py sample --checkpoint outputs/tiny        # the newest checkpoint in a folder
     minilm export --checkpoint outputs/tiny --out hf/tiny   # a Hugging Face GPT2LMHeadModel folder
     minilm grade submitted/ --out grades.csv                # grade a class (minilm.grading)
@@ -93,6 +94,13 @@ def sample_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--top_k", type=int, default=40, help="Sample among the k likeliest tokens; 0: all (default 40)."
+    )
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        default=None,
+        help="Nucleus sampling: keep the smallest set of likeliest tokens whose probability reaches p, in (0, 1] "
+        "(default: off).",
     )
     parser.add_argument("--num_samples", type=int, default=1, help="Independent samples to print (default 1).")
     parser.add_argument("--seed", type=int, default=1337, help="Random seed of the sampler (default 1337).")
@@ -209,12 +217,14 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 def run_sample(argv: list[str]) -> int:
     from minilm.distributed import local_device
-    from minilm.trainer import generate_text
+    from minilm.generation import generate_text
 
     parser = sample_parser()
     ns = parser.parse_args(argv)
     if ns.max_new_tokens < 0 or ns.temperature < 0 or ns.top_k < 0 or ns.num_samples < 1:
         parser.error("--max_new_tokens, --temperature and --top_k must be >= 0 and --num_samples >= 1")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {ns.top_p}")
     try:
         device = local_device(ns.device)
         model, tokenizer, _ = load_model(_resolve_checkpoint(ns.checkpoint), device=device)
@@ -225,7 +235,15 @@ def run_sample(argv: list[str]) -> int:
     gen = torch.Generator(device=device).manual_seed(ns.seed)
     try:
         texts = generate_text(
-            model, tokenizer, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k or None, gen, ns.num_samples
+            model,
+            tokenizer,
+            ns.prompt,
+            ns.max_new_tokens,
+            ns.temperature,
+            ns.top_k or None,
+            gen,
+            ns.num_samples,
+            top_p=ns.top_p,
         )
     except ValueError as e:  # TokenizerError is a ValueError: a character the vocabulary lacks
         parser.error(f"--prompt: {e}")

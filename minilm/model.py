@@ -3,7 +3,7 @@
 >>> from minilm import Config, GPT
 >>> model = GPT(Config(vocab_size=65, d_model=64, n_heads=4, n_layers=2, max_seq_len=128))
 >>> logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
->>> out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40)
+>>> out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40)  # see minilm.generation
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minilm.attention import KVCache
 from minilm.blocks import Block
 from minilm.config import Config
 
@@ -57,27 +58,32 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), mean cross-entropy."""
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), mean cross-entropy.
+
+        ``cache`` (generation, see :mod:`minilm.generation`): one :class:`KVCache` per block,
+        holding the earlier positions' keys and values; idx then holds only the new tokens,
+        which sit at positions ``len(cache[0])`` onwards, and the cache grows by T.
+        """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
+        past = len(cache[0]) if cache else 0  # positions already in the cache
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only the block's input; recompute its insides during backward.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache[i] if cache else None)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -86,35 +92,13 @@ class GPT(nn.Module):
         top_k: int | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to idx (B, T); returns (B, T + n).
 
-        ``temperature=0`` is greedy decoding. The context is cropped to the last
-        ``max_seq_len`` tokens, since the model has no positions beyond that. Stops early
-        when every row has produced ``eos_id``.
+        ``temperature=0`` is greedy decoding. See :func:`minilm.generation.generate`.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.max_seq_len :]
-            logits, _ = self(context)
-            logits = logits[:, -1, :]  # (B, V): only the last position predicts the next token
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, next_id], dim=1)
-            if eos_id is not None:
-                done |= next_id.squeeze(1) == eos_id
-                if bool(done.all()):
-                    break
-        self.train(was_training)
-        return idx
+        from minilm.generation import generate  # generation builds on the model: import at call time
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache)

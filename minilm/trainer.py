@@ -34,6 +34,7 @@ from minilm.config import SHAPE_FIELDS, Config
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
 from minilm.flops import flops_per_token
 from minilm.flops import mfu as model_flops_utilisation
+from minilm.generation import generate_text  # re-exported: minilm.trainer.generate_text still works
 from minilm.hardware import device_peak_flops
 from minilm.interrupts import stop_on_signals
 from minilm.model import GPT
@@ -48,42 +49,6 @@ NOT_CONVERGING_ADVICE = (
 
 EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_checkpoint", "on_train_end")
 Callback = Callable[["Trainer", dict], None]
-
-
-@torch.no_grad()
-def generate_text(
-    model: GPT,
-    tokenizer: Any,
-    prompt: str | list[int],
-    max_new_tokens: int = 300,
-    temperature: float = 0.8,
-    top_k: int | None = 40,
-    generator: torch.Generator | None = None,
-    num_samples: int = 1,
-) -> list[str]:
-    """Continue ``prompt`` (text or token ids) ``num_samples`` times; returns the decoded texts.
-
-    The model may have more output ids than the tokenizer has tokens (``vocab_size`` is
-    rounded up, or BPE ran out of merges): those ids never occur in the data, so a
-    forward hook masks their logits to -inf and ``model.generate`` can never pick one.
-    """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty: give at least one token to continue")
-    device = next(model.parameters()).device
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    n_real = tokenizer.vocab_size
-
-    def mask_unused(module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
-        return logits.index_fill(-1, torch.arange(n_real, logits.size(-1), device=logits.device), float("-inf"))
-
-    handle = model.lm_head.register_forward_hook(mask_unused) if n_real < model.cfg.vocab_size else None
-    try:
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return [tokenizer.decode(row) for row in out.tolist()]
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minilm"
 LAYERS = {
     # plain helpers every layer may use: how tables and durations are printed
     "formatting": {"formatting"},
-    # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules
-    "model": {"config", "counting", "attention", "blocks", "model"},
+    # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules,
+    # and how it generates text (GPT.generate wraps minilm.generation)
+    "model": {"config", "counting", "attention", "blocks", "model", "generation"},
     # what a model costs: FLOPs, memory, hardware peaks, the size planner
-    "analytics": {"flops", "memory", "hardware", "sizing"},
+    "analytics": {"flops", "memory", "hardware", "sizing", "inference"},
     # making and running one: data, precision, the step, the loop, checkpoints, measurement, the CLI
     "training": {
         "tokenizer",
