@@ -26,7 +26,7 @@ GPT-2 has a fixed architecture; every minilm config maps onto it exactly:
 - ``activation``: 'gelu' (exact erf) is GPT-2's ``gelu``, 'gelu_tanh' its ``gelu_pytorch_tanh``;
 - a ``vocab_size`` larger than the tokenizer's (padding rows, or BPE that ran out of merges):
   the exported vocabulary is the tokenizer's, the unused rows are dropped. minilm's sampler
-  masks those ids anyway (``minilm.trainer.generate_text``), so the logits of every real token
+  masks those ids anyway (``minilm.generation.generate_text``), so the logits of every real token
   and the greedy text are unchanged.
 
 What does not carry over: a character tokenizer silently drops characters outside its
