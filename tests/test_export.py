@@ -17,10 +17,10 @@ from minilm.cli import main  # noqa: E402
 from minilm.config import Config  # noqa: E402
 from minilm.data import load_text  # noqa: E402
 from minilm.export import ExportError, export_model, hf_tokenizer  # noqa: E402
+from minilm.generation import generate_text  # noqa: E402
 from minilm.hf import config_from_hf, state_dict_from_hf, state_dict_to_hf  # noqa: E402
 from minilm.model import GPT  # noqa: E402
 from minilm.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
-from minilm.generation import generate_text  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat light"
 NEW_TOKENS = 24
