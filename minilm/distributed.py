@@ -113,6 +113,41 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def fsdp_mixed_precision(cfg: Config):
+    """FSDP2's policy for ``cfg``'s precision: bf16/fp16 gathered weights, fp32 gradient reduction; None in fp32.
+
+    The sharded master weights and AdamW's state stay fp32 (as under autocast); each unit's
+    gathered copy is in 16 bits, and gradients are reduced and kept in fp32.
+    """
+    if cfg.precision == "fp32":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, cfg: Config, *, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model`` with FSDP2's ``fully_shard``: each block is a unit, the root owns the rest.
+
+    ``reshard_after_forward=True`` frees each block's gathered weights after its forward and
+    gathers them again in backward (ZeRO-3); False keeps them until the block's backward
+    (ZeRO-2: more memory, one all-gather fewer per block). The module is changed in place
+    (its parameters become DTensor shards): build the optimizer after this. Needs a process
+    group (:func:`setup`); see :mod:`minilm.sharding` for what each rank then holds.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"reshard_after_forward": reshard_after_forward}
+    policy = fsdp_mixed_precision(cfg)
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a tensor over all processes, in place (unchanged for one process)."""
     if info.enabled:

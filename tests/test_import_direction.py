@@ -15,7 +15,7 @@ LAYERS = {
     # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules
     "model": {"config", "counting", "attention", "blocks", "model"},
     # what a model costs: FLOPs, memory, hardware peaks, the size planner
-    "analytics": {"flops", "memory", "hardware", "sizing"},
+    "analytics": {"flops", "memory", "hardware", "sizing", "sharding"},
     # making and running one: data, precision, the step, the loop, checkpoints, measurement, the CLI
     "training": {
         "tokenizer",
@@ -24,6 +24,7 @@ LAYERS = {
         "optim",
         "step",
         "measure",
+        "measure_ranks",
         "checkpoint",
         "distributed",
         "interrupts",
