@@ -219,12 +219,26 @@ def estimate_rank_memory(
         "reduce-scatter input": block_rs,
         "gradient in flight": b["last block backward"]["gradient in flight"],
     }
+    # FSDP2 keeps a reduce-scatter's input until the next one is issued, so every block's
+    # backward but the last's (the first to run) also holds the previous block's buffer.
+    previous_rs = block_rs if L > 1 else 0
+    if L > 1:
+        second = rank_state(b["last block backward"])
+        second["saved activations"] = fwd["saved activations"]  # one block's fewer than at the last
+        second["gradients so far"] = root_grads + block_grad_shard
+        moments["second-to-last block backward"] = {
+            **second,
+            "gathered parameters": root_full + (block_full if reshard else (L - 1) * block_full),
+            "all-gather buffer": block_buffer if (reshard and L > 2) else 0,
+            "previous reduce-scatter input": previous_rs,
+        }
     first = rank_state(b["first block backward"])
     first["gradients so far"] = root_grads + (L - 1) * block_grad_shard
     moments["first block backward"] = {
         **first,
         "gathered parameters": root_full + block_full,
         "all-gather buffer": 0,
+        "previous reduce-scatter input": previous_rs,
     }
     tied_extra = 2 * 4 * cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
     moments["embedding backward"] = {
@@ -234,6 +248,7 @@ def estimate_rank_memory(
         "gathered parameters": root_full,
         "all-gather buffer": 0,
         "gradients so far": 4 * root.numel + tied_extra + L * block_grad_shard,
+        "previous reduce-scatter input": block_rs,
         "gradient in flight": b["embedding backward"]["gradient in flight"],
     }
     moments["optimizer step"] = {
