@@ -25,6 +25,7 @@ LAYERS = {
         "step",
         "measure",
         "measure_ranks",
+        "sharded_checkpoint",
         "checkpoint",
         "distributed",
         "interrupts",
