@@ -74,3 +74,20 @@ def test_errors_and_table():
         estimate_rank_memory(SHAPES["tied d64 L2"], "zero4", 2)
     table = rank_memory_table(load_config("large"), (1, 8))
     assert "ZeRO-3" in table and table.count("\n") == 1 + len(STRATEGIES)
+
+
+def test_planner_shards_a_model_that_fits_no_single_gpu():
+    from minilm.sizing import Hardware, plan_to_fit
+
+    cfg, hw = load_config("xl"), Hardware.from_accelerator("RTX 4090")
+    plain = plan_to_fit(cfg, hw, allow_smaller_model=False)
+    assert plain.best is None and "GPUs" not in plain.table()  # without shard_gpus: the plan as before
+    plan = plan_to_fit(cfg, hw, allow_smaller_model=False, shard_gpus=(2, 4, 8))
+    sharded = [s for s in plan.options if s.levers.fsdp_gpus]
+    assert [s.n_gpus for s in sharded] == [2, 4, 8]
+    for s in sharded:
+        assert s.peak_bytes == estimate_rank_memory(s.config, "zero3", s.n_gpus).peak_bytes
+        assert s.tokens_per_second > 0
+    assert [s.peak_bytes for s in sharded] == sorted((s.peak_bytes for s in sharded), reverse=True)
+    assert plan.best is not None and plan.best.levers.fsdp_gpus == min(s.n_gpus for s in sharded if s.fits)
+    assert "per-GPU peak" in plan.table()
