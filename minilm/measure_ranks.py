@@ -26,6 +26,7 @@ Not seen, as on one process: buffers gloo allocates on its own threads for a col
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import tempfile
 import weakref
 from contextlib import nullcontext
@@ -148,12 +149,22 @@ def measure_rank_peaks(
         ]
         for p in procs:
             p.start()
-        results = [queue.get(timeout=600) for _ in range(len(jobs) * world_size)]
-        for p in procs:
-            p.join(timeout=60)
-        failed = [p.exitcode for p in procs if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"a measuring process failed (exit codes {failed})")
+        results = []
+        try:
+            while len(results) < len(jobs) * world_size:
+                try:
+                    results.append(queue.get(timeout=5))
+                except queue_module.Empty:
+                    # A rank that died (an exception, out of memory) never reports: fail, do not wait forever.
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(f"a measuring process failed (exit codes {dead})") from None
+            for p in procs:
+                p.join(timeout=60)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
     out: dict = {key: {s: [0] * world_size for s in strategies} for key in named}
     for key, s, rank, peak in results:
         out[key][s][rank] = peak
