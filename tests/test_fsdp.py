@@ -36,7 +36,12 @@ batches = trainer.next_micro_batches()
 loss = trainer.compute_gradients(batches)
 grads = {n: p.grad.full_tensor() for n, p in trainer.raw_model.named_parameters()}
 shard = {n: p.grad.to_local().numel() for n, p in trainer.raw_model.named_parameters()}
-torch.save({"batches": batches, "grads": grads, "loss": loss, "shard": shard}, f"{out}/rank{trainer.dist.rank}.pt")
+zero2 = Trainer(load_config(config, {"world_size": 2, "parallelism": "fsdp", "reshard_after_forward": False}),
+                progress=False, verbose=False, sample_tokens=0)
+zero2_loss = zero2.compute_gradients(batches)
+zero2_grads = {n: p.grad.full_tensor() for n, p in zero2.raw_model.named_parameters()}
+torch.save({"batches": batches, "grads": grads, "loss": loss, "shard": shard, "zero2_grads": zero2_grads,
+            "zero2_loss": zero2_loss}, f"{out}/rank{trainer.dist.rank}.pt")
 sys.exit(main(["--config", config, "--world_size", "2", "--parallelism", "fsdp", "--output_dir", f"{out}/run",
                "--no_progress"]))
 """
@@ -93,9 +98,11 @@ def test_fsdp_gradients_and_loss_equal_one_process_on_the_global_batch(setup, fs
     torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss)
     n_total = sum(p.numel() for p in single.raw_model.parameters())
     assert sum(r0["shard"].values()) < n_total  # each rank really held a shard, not the whole gradient
+    torch.testing.assert_close((r0["zero2_loss"] + r1["zero2_loss"]) / 2, loss)
     for name, p in single.raw_model.named_parameters():
-        torch.testing.assert_close(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
-        torch.testing.assert_close(r1["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        for r in (r0, r1):  # ZeRO-3 (reshard after forward) and ZeRO-2 (keep the gathered blocks)
+            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(r["zero2_grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_fsdp_run_follows_the_one_process_curve_and_resumes_on_one_process(setup, fsdp, monkeypatch):
