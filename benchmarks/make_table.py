@@ -58,7 +58,9 @@ from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughp
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 TEMPLATES = ROOT / "benchmarks" / "templates"  # the page's prose, with $names for the numbers
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ("tiny", "small", "base", "large")
+CONFIGS = ("tiny", "small", "base", "large", "xl")
+SHARDED = ("large", "xl")  # the per-GPU memory tables under DDP and ZeRO-1/2/3
+SHARD_WORLD_SIZES = (1, 2, 4, 8)
 GPUS = ("H100 SXM", "A100 80GB", "RTX 4090", "L4", "T4")  # named GPUs for the time estimates
 MFU = 0.40  # the stated MFU of every time estimate
 PRECISIONS = {
@@ -168,6 +170,22 @@ def render_memory() -> str:
     return render_table(head, rows, "markdown")
 
 
+def render_sharded() -> str:
+    """Per-GPU peak of each sharded config under every strategy at 1-8 GPUs (``minilm.sharding``)."""
+    from minilm.sharding import rank_memory_table
+
+    parts = []
+    for name in SHARDED:
+        cfg = shipped(name)
+        ckpt = "with" if cfg.gradient_checkpointing else "without"
+        parts.append(
+            f"**`{name}`** ({format_count(count_parameters(cfg).total)} parameters; micro-batch "
+            f"{cfg.batch_size} × {cfg.max_seq_len} per GPU, {cfg.precision_label}, {ckpt} checkpointing), "
+            f"per-GPU peak in GiB:\n\n{rank_memory_table(cfg, SHARD_WORLD_SIZES)}"
+        )
+    return "\n\n".join(parts)
+
+
 def render_time() -> str:
     head = ["config", "GPUs", "20·N tokens"] + [f"{g}" for g in GPUS]
     rows = []
@@ -257,6 +275,7 @@ def render_computed() -> str:
         computed_end=COMPUTED_END,
         counts_table=render_counts(),
         memory_table=render_memory(),
+        sharded_tables=render_sharded(),
         time_table=render_time(),
         design_table=render_design(),
         claims_table=design_claims_table("markdown"),
@@ -316,6 +335,8 @@ def gpu_cases() -> list[Case]:
     # without DDP's gradient buckets).
     out = []
     for name in CONFIGS:
+        if name == "xl":  # written to be sharded over 8 GPUs: its per-rank memory is checked on CPU processes
+            continue
         cfg = shipped(name)
         ov = {"world_size": 1} if cfg.world_size > 1 else {}
         out.append(Case(name, ov, steps=12 if name != "large" else 8, warmup=3, label=f"{name}, as shipped"))

@@ -128,6 +128,19 @@ class Config:
     world_size: int = _f(
         1, "system", "Processes (GPUs) in data-parallel training; checked against torchrun.", minimum=1
     )
+    parallelism: str = _f(
+        "ddp",
+        "system",
+        "With world_size > 1: 'ddp' (every process holds the whole model) or 'fsdp' (FSDP2: weights, "
+        "gradients and AdamW state sharded across processes).",
+        choices=("ddp", "fsdp"),
+    )
+    reshard_after_forward: bool = _f(
+        True,
+        "system",
+        "fsdp only: free each block's gathered weights after its forward (ZeRO-3); false keeps them "
+        "until its backward (ZeRO-2: more memory, less communication).",
+    )
     fp16: bool = _f(False, "system", "float16 autocast with a gradient scaler (GPU).")
     bf16: bool = _f(False, "system", "bfloat16 autocast (GPU, or CPUs with native bf16).")
     gradient_checkpointing: bool = _f(False, "system", "Recompute each block's activations in backward to save memory.")

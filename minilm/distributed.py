@@ -18,6 +18,8 @@ of processes the launcher started, so a config states how it is meant to be run.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -123,13 +125,147 @@ def local_device(requested: str) -> torch.device:
     return device
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` (or the module torch.compile wraps) was sharded by :func:`apply_fsdp`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """Wrap in DistributedDataParallel when distributed; otherwise return ``model`` unchanged."""
-    if not info.enabled:
+    """Wrap in DistributedDataParallel when distributed; otherwise (or when already sharded) return ``model``."""
+    if not info.enabled or is_sharded(model):
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def fsdp_mixed_precision(cfg: Config):
+    """FSDP2's policy for ``cfg``'s precision: bf16/fp16 gathered weights, fp32 gradient reduction; None in fp32.
+
+    The sharded master weights and AdamW's state stay fp32 (as under autocast); each unit's
+    gathered copy is in 16 bits, and gradients are reduced and kept in fp32.
+    """
+    if cfg.precision == "fp32":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, cfg: Config, *, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model`` with FSDP2's ``fully_shard``: each block is a unit, the root owns the rest.
+
+    ``reshard_after_forward=True`` frees each block's gathered weights after its forward and
+    gathers them again in backward (ZeRO-3); False keeps them until the block's backward
+    (ZeRO-2: more memory, one all-gather fewer per block). The module is changed in place
+    (its parameters become DTensor shards): build the optimizer after this. Needs a process
+    group (:func:`setup`); see :mod:`minilm.sharding` for what each rank then holds.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"reshard_after_forward": reshard_after_forward}
+    policy = fsdp_mixed_precision(cfg)
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def no_sync(model: nn.Module, info: DistInfo) -> Callable[[], AbstractContextManager] | None:
+    """A context factory that skips the gradient reduction for accumulating micro-batches (None: one process).
+
+    DDP's ``model.no_sync``; under FSDP2 its ``set_requires_gradient_sync(False)`` (each rank
+    then keeps full, unreduced gradients until the last micro-batch).
+    """
+    if not info.enabled:
+        return None
+    if not is_sharded(model):
+        return model.no_sync
+    root = getattr(model, "_orig_mod", model)
+
+    @contextmanager
+    def _no_sync():
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+
+    return _no_sync
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict as plain tensors (collective when sharded: call on every rank).
+
+    Sharded: gathered onto rank 0's CPU (the other ranks get an empty dict), which is what the
+    plain checkpoint file holds, so ``minilm sample`` reads an FSDP run's checkpoint as any other.
+    """
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict; sharded: gathered (keyed by parameter name) on rank 0, collective."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_state_options())
+
+
+def load_full_model_state(model: nn.Module, model_state: dict) -> None:
+    """Load a whole (unsharded) model state; sharded, each rank keeps its own shard of it.
+
+    Every rank passes the full state (read from the same file), so a checkpoint written by
+    any number of processes resumes on any other number.
+    """
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, model_state, options=_state_options())
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what :func:`full_optimizer_state` returned (every rank passes the whole of it)."""
+    by_name = any(isinstance(p, str) for g in state["param_groups"] for p in g["params"])
+    if not is_sharded(model):
+        optimizer.load_state_dict(_rekeyed(model, optimizer, state, to_names=False) if by_name else state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = state if by_name else _rekeyed(model, optimizer, state, to_names=True)
+    set_optimizer_state_dict(model, optimizer, state, options=_state_options())
+
+
+def _rekeyed(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, to_names: bool) -> dict:
+    """An optimizer state dict keyed by parameter index (``Optimizer.state_dict``) as one keyed by name, or back.
+
+    A DDP (or single-process) checkpoint numbers the parameters in the optimizer's order; an
+    FSDP one names them. Rekeying lets either resume the other.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    old_keys = order if not to_names else list(range(len(order)))
+    new_keys = order if to_names else list(range(len(order)))
+    mapping = dict(zip(old_keys, new_keys, strict=True))
+    groups = [{**g, "params": [mapping[p] for p in g["params"]]} for g in state["param_groups"]]
+    return {"state": {mapping[k]: v for k, v in state["state"].items()}, "param_groups": groups}
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

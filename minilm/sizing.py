@@ -211,11 +211,13 @@ class Levers:
     checkpointing: bool = False  # gradient checkpointing switched on
     halvings: int = 0  # micro-batch halved this many times, accumulation doubled as often
     n_layers: int | None = None  # a smaller model with this many layers; None: the model as configured
+    fsdp_gpus: int | None = None  # sharded with FSDP (ZeRO-3) over this many GPUs; None: as configured
 
     @property
     def count(self) -> int:
         """How many kinds of change are applied (0: the config as it is)."""
-        return sum([self.precision is not None, self.checkpointing, self.halvings > 0, self.n_layers is not None])
+        changes = [self.precision is not None, self.checkpointing, self.halvings > 0, self.n_layers is not None]
+        return sum(changes) + (self.fsdp_gpus is not None)
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,8 @@ class PlanStep:
     fits: bool
     compute_factor: float  # hardware FLOPs per token relative to the original (checkpointing: ~1.2)
     changes_model: bool  # a smaller model: the result is a different network
+    n_gpus: int = 1  # GPUs the step runs on (FSDP options: the GPUs it is sharded over)
+    tokens_per_second: float | None = None  # FSDP options: the whole run's estimated throughput
 
     @property
     def effective_batch(self) -> int:
@@ -253,17 +257,21 @@ class FitPlan:
     def table(self, fmt: str = "text") -> str:
         usable = self.hardware.usable_bytes / GB
         head = ["change", "peak GiB", "fits", "compute", "micro-batch x accum"]
+        sharded = any(step.n_gpus > 1 or step.tokens_per_second for step in self.options)
+        if sharded:  # per-GPU memory and the whole run's speed, only when FSDP options were asked for
+            head = ["change", "per-GPU peak GiB", "fits", "compute", "micro-batch x accum", "GPUs", "tokens/s"]
         rows = []
         for step in [self.original, *self.options]:
-            rows.append(
-                [
-                    step.describe(),
-                    f"{step.peak_bytes / GB:.2f}",
-                    "yes" if step.fits else "no",
-                    f"{step.compute_factor:.2f}x",
-                    f"{step.config.batch_size} x {step.config.grad_accumulation_steps}",
-                ]
-            )
+            row = [
+                step.describe(),
+                f"{step.peak_bytes / GB:.2f}",
+                "yes" if step.fits else "no",
+                f"{step.compute_factor:.2f}x",
+                f"{step.config.batch_size} x {step.config.grad_accumulation_steps}",
+            ]
+            if sharded:
+                row += [str(step.n_gpus), f"{step.tokens_per_second:,.0f}" if step.tokens_per_second else "-"]
+            rows.append(row)
         if self.best is not None:
             verdict = f"cheapest that fits: {self.best.describe()} ({self.best.peak_bytes / GB:.2f} GiB)"
         else:
@@ -275,7 +283,7 @@ class FitPlan:
 
 def _labels(levers: Levers, cfg: Config) -> tuple[str, ...]:
     """The changes in words, in the order applied (``cfg``: the config before them)."""
-    labels = []
+    labels = [f"FSDP (ZeRO-3) over {levers.fsdp_gpus} GPUs"] if levers.fsdp_gpus else []
     if levers.precision == "bf16":
         labels.append("bf16 autocast")
     elif levers.precision == "fp16":
@@ -317,7 +325,9 @@ def _bf16_supported(hw: Hardware) -> bool:
     return True
 
 
-def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool = True) -> FitPlan:
+def plan_to_fit(
+    cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool = True, shard_gpus: tuple[int, ...] = ()
+) -> FitPlan:
     """The design's out-of-memory advice made executable: the cheapest change that makes ``cfg`` fit.
 
     ``hw`` is a :class:`Hardware` or just the memory per device in GB. Candidates combine
@@ -327,6 +337,13 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
     re-runs the forward, about +20% FLOPs); fewest halvings (smaller matmuls run less
     efficiently); no precision change. Only if no combination fits does it shrink the
     model: the most layers that fit with the cheapest combination.
+
+    ``shard_gpus`` (e.g. ``(2, 4, 8)``) adds, for each N, FSDP (ZeRO-3) over N GPUs of this
+    kind with the cheapest combination of the other changes that fits, its per-GPU peak
+    (:func:`minilm.sharding.estimate_rank_memory`) and the run's tokens per second on N GPUs
+    at ``hw.mfu`` (FSDP's all-gathers and reduce-scatters assumed overlapped with compute,
+    as on one node with NVLink; across slow links expect less). When nothing fits ``hw`` as
+    it is, sharding over the fewest GPUs that fit is preferred to shrinking the model.
     """
     hw = hw if isinstance(hw, Hardware) else Hardware(memory_gb=float(hw))
     cfg_in, cfg = cfg, _on(cfg, hw)
@@ -366,6 +383,16 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
             f"{hw.name or 'this device'} has no bf16: planned in fp16 with a gradient scaler, as the trainer runs it"
         )
     considered = len(candidates)
+    sharded: list[PlanStep] = []
+    for n in shard_gpus:
+        items = [_fsdp_step(lv, c, cfg, n, hw, base_hw_flops) for lv, c in _lever_configs(cfg, bf16_ok)]
+        considered += len(items)
+        fitting_n = sorted((s for s in items if s.fits), key=cost)
+        sharded.append(fitting_n[0] if fitting_n else items[0])
+    options += sharded
+    if best is None and any(s.fits for s in sharded):
+        best = min((s for s in sharded if s.fits), key=lambda s: (s.n_gpus, *cost(s)))
+        notes.append(f"nothing fits one {hw.name or 'device'}: sharding with FSDP over {best.n_gpus} GPUs does")
     if best is None and allow_smaller_model:
         for n_layers in range(cfg.n_layers - 1, 0, -1):
             smaller = cfg.replace(n_layers=n_layers)
@@ -383,6 +410,32 @@ def plan_to_fit(cfg: Config, hw: Hardware | float, *, allow_smaller_model: bool 
                 notes.append("no combination of precision, checkpointing and batch fits: the model had to shrink")
                 break
     return FitPlan(hardware=hw, original=original, options=options, best=best, considered=considered, notes=notes)
+
+
+def _fsdp_step(levers: Levers, c: Config, before: Config, n: int, hw: Hardware, base_hw_flops: int) -> PlanStep:
+    """``c`` sharded with FSDP (ZeRO-3) over ``n`` GPUs like ``hw``'s: per-GPU peak and the run's throughput."""
+    from minilm.sharding import estimate_rank_memory
+
+    sharded = c.replace(world_size=n, parallelism="fsdp", reshard_after_forward=True)
+    levers = dataclasses.replace(levers, fsdp_gpus=n)
+    peak = estimate_rank_memory(sharded, "zero3", n).peak_bytes
+    fb = flop_breakdown(sharded)
+    speed = None
+    if hw.tokens_per_second is not None:
+        speed = hw.tokens_per_second * n
+    elif hw.peak_flops is not None:
+        speed = tokens_per_second_at(sharded, hw.peak_flops, hw.mfu, n)
+    return PlanStep(
+        changes=_labels(levers, before),
+        levers=levers,
+        config=sharded,
+        peak_bytes=peak,
+        fits=peak <= hw.usable_bytes,
+        compute_factor=(fb.total + fb.checkpoint_recompute) / base_hw_flops,
+        changes_model=False,
+        n_gpus=n,
+        tokens_per_second=speed,
+    )
 
 
 # ---------------------------------------------------------------------------------------

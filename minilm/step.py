@@ -75,7 +75,10 @@ def clip_gradients(
     Returns the norm before clipping, as a device scalar (no host synchronisation).
     """
     scaler.unscale_(optimizer)  # no-op unless fp16: clipping must see the true gradients
-    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of per-shard partial norms; the whole norm, on every rank
+        norm = norm.full_tensor()
+    return norm
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:

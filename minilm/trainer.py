@@ -210,6 +210,8 @@ class Trainer:
         # every rank, which keeps a DDP resume exact.)
         torch.manual_seed(cfg.seed)
         self.raw_model = GPT(cfg).to(self.device)  # the plain module: its state dict is what we save
+        if cfg.parallelism == "fsdp" and self.dist.enabled:  # sharded in place, before the optimizer exists
+            dist_utils.apply_fsdp(self.raw_model, cfg, reshard_after_forward=cfg.reshard_after_forward)
         self.autocast, self.scaler, self.precision_name = mixed_precision(cfg, self.device, cpu_bf16)
         self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
         self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device, cpu_bf16))
@@ -267,7 +269,7 @@ class Trainer:
         k micro-batches of B sequences give the gradient of one batch of k·B; under DDP only
         the last backward all-reduces. Returns this rank's mean loss (a detached device scalar).
         """
-        no_sync = self.model.no_sync if self.dist.enabled else None
+        no_sync = dist_utils.no_sync(self.model, self.dist)
         return one_step.accumulate_gradients(self.model, micro_batches, self.autocast, self.scaler, no_sync=no_sync)
 
     def clip_gradients(self) -> torch.Tensor:
@@ -315,7 +317,7 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         """Optimizer, scaler, RNG, sampler position and counters: what a checkpoint needs besides weights."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": dist_utils.full_optimizer_state(self.raw_model, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt_io.rng_state(self.device),
             "sampler": self.sampler.state_dict(),
@@ -331,12 +333,15 @@ class Trainer:
         """Write ``output_dir/checkpoint-{step}`` (rank 0; other ranks wait) and return its path."""
         path = None
         self._stale_steps.discard(self.step)  # written again now: part of this run
+        # FSDP: gathering the whole state is collective, so every rank takes part; rank 0 writes.
+        model_state = dist_utils.full_model_state(self.raw_model)
+        state = state or self.training_state()
         if self.is_main:
             path = ckpt_io.save_checkpoint(
                 self.output_dir,
                 self.step,
-                model_state=self.raw_model.state_dict(),
-                training_state=state or self.training_state(),
+                model_state=model_state,
+                training_state=state,
                 config=self.cfg,
                 tokenizer=self.tokenizer,
                 save_total_limit=self.cfg.save_total_limit,
@@ -362,13 +367,13 @@ class Trainer:
         st = ck.training_state
         if st.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
             raise CheckpointError(f"{path}: its tokenizer differs from the one built for dataset '{self.cfg.dataset}'")
-        self.raw_model.load_state_dict(ck.model_state)
+        dist_utils.load_full_model_state(self.raw_model, ck.model_state)
         self.raw_model.to(self.device)
         # load_state_dict also restores each group's saved hyperparameters; the config's win, so a
         # resume with a new --weight_decay / --beta1 / --beta2 uses them (the learning rate is set every
         # step). The groups were built from the config just now: keep those values, load the rest.
         configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(st["optimizer"])
+        dist_utils.load_full_optimizer_state(self.raw_model, self.optimizer, st["optimizer"])
         for group, values in zip(self.optimizer.param_groups, configured, strict=True):
             group.update(values)
         if self.scaler.is_enabled() and not st["scaler"]:
@@ -532,7 +537,8 @@ class Trainer:
     def _finish(self, status: str, message: str) -> TrainResult:
         """Sample (rank 0), wait for every rank, and report."""
         sample = None
-        if status == "completed" and self.is_main and self.sample_tokens > 0:
+        sharded = dist_utils.is_sharded(self.raw_model)  # FSDP: every forward is collective, all ranks sample
+        if status == "completed" and (self.is_main or sharded) and self.sample_tokens > 0:
             sample = self.sample(max_new_tokens=self.sample_tokens)
         # The other ranks wait while rank 0 samples, so that none tears down the process group
         # (Trainer.close) while another still works: under load that raced gloo's shutdown.

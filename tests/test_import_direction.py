@@ -19,7 +19,7 @@ LAYERS = {
     # and how it generates text (GPT.generate wraps minilm.generation)
     "model": {"config", "counting", "attention", "blocks", "model", "generation"},
     # what a model costs: FLOPs, memory, hardware peaks, the size planner
-    "analytics": {"flops", "memory", "hardware", "sizing", "inference"},
+    "analytics": {"flops", "memory", "hardware", "sizing", "inference", "sharding"},
     # making and running one: data, precision, the step, the loop, checkpoints, measurement, the CLI
     "training": {
         "tokenizer",
@@ -28,6 +28,8 @@ LAYERS = {
         "optim",
         "step",
         "measure",
+        "measure_ranks",
+        "sharded_checkpoint",
         "checkpoint",
         "distributed",
         "interrupts",
