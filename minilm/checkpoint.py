@@ -576,6 +576,8 @@ def check_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]
                 f"{f}: corrupt checkpoint file, {f.stat().st_size} bytes on disk but {size} were written: "
                 "use an older checkpoint"
             )
+    for name, (_, sha) in entries.items():  # after the cheap checks: hashing reads every byte
+        f = path / name
         if verify and sha is not None and file_sha256(f) != sha:
             raise CheckpointError(
                 f"{f}: corrupt checkpoint file, its SHA-256 differs from the one recorded when it was saved "
