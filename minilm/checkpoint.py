@@ -567,7 +567,7 @@ def check_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]
         raise CheckpointError(
             f"{manifest_path}: corrupt manifest ({e}); this checkpoint cannot be checked: use an older one"
         ) from None
-    for name, (size, sha) in entries.items():
+    for name, (size, _) in entries.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing (the checkpoint is incomplete): use an older one")
