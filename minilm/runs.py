@@ -370,9 +370,20 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
         where = "of host RAM available"
     else:
         return  # no way to ask how much is free
+    # The fixed validation batches stay in host RAM all run: x and y, int64, for every eval batch.
+    eval_bytes = cfg.eval_batches * cfg.batch_size * cfg.max_seq_len * 2 * 8
+    host_free = free_bytes if device.type == "cpu" else free_host_memory()
+    if host_free is not None and eval_bytes * per_process > host_free:
+        raise RunError(
+            f"the {cfg.eval_batches:,} validation batches (eval_batches) need {eval_bytes / GB:.2f} GiB of host RAM "
+            f"but only {host_free / GB:.2f} GiB is available: lower --eval_batches (20 is typical). "
+            "Pass --skip_memory_check to try anyway"
+        )
     if free_bytes is None:
         return
     need = estimate_training_memory(cfg, device_type=device.type).peak_bytes * per_process
+    if device.type == "cpu":
+        need += eval_bytes * per_process
     if need <= free_bytes:
         return
     each = f" ({per_process} processes on this machine)" if per_process > 1 else ""

@@ -378,6 +378,16 @@ def test_a_step_that_does_not_fit_in_memory_stops_before_allocating(micro_json, 
     assert not Path(cfg.output_dir).exists() or not list(Path(cfg.output_dir).iterdir())  # nothing written
 
 
+def test_too_many_validation_batches_stop_before_allocating(micro_json, capsys, monkeypatch):
+    """`--eval_batches 100000000` would hold 100 GB of fixed validation batches: refused with both numbers."""
+    import minilm.runs
+
+    monkeypatch.setattr(minilm.runs, "free_host_memory", lambda: 2 * 1024**3)
+    path, cfg = micro_json
+    code, err = run_cli(["train", "--config", str(path), "--eval_batches", "100000000", "--no_progress"], capsys)
+    assert_one_error(code, err, 1, r"100,000,000 validation batches \(eval_batches\) need [\d.]+ GiB .* only 2\.00 GiB")
+
+
 def test_skip_memory_check_starts_anyway(micro_json, capsys, monkeypatch):
     import minilm.runs
 
