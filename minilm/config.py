@@ -273,7 +273,7 @@ def _check_size(cfg: Config) -> None:
     n = count_parameters(cfg).total
     if n > MAX_PARAMETERS:
         raise ConfigError(
-            f"the model would have {n:,} parameters ({4 * n / 1e12:,.0f} TB of fp32 weights), more than "
+            f"the model would have {n:,.4g} parameters ({4 * n / 1e12:,.4g} TB of fp32 weights), more than "
             f"minilm's limit of {MAX_PARAMETERS:,}: check d_model ({cfg.d_model}), n_layers ({cfg.n_layers}), "
             f"d_ff ({cfg.d_ff}), vocab_size ({cfg.vocab_size}) and max_seq_len ({cfg.max_seq_len})"
         )
@@ -468,6 +468,8 @@ def parse_json_object(raw: bytes, source: str, *, what: str = "file") -> dict[st
         raise ConfigError(f"{source}: {e}") from None
     except RecursionError:
         raise ConfigError(f"{source}: malformed JSON (nested too deeply)") from None
+    except ValueError as e:  # a number with thousands of digits (Python's int conversion limit)
+        raise ConfigError(f"{source}: a number in the file is too long to read ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a JSON object of fields, got {type(values).__name__}")
     return values

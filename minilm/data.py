@@ -86,6 +86,8 @@ def load_text(dataset: str | Path) -> str:
     """
     if str(dataset) in BUNDLED:
         return _read(BUNDLED[str(dataset)])
+    if not str(dataset).strip():
+        raise DataError("dataset is empty: give 'shakespeare' (the bundled corpus), a text file or a folder of .txt")
     path = Path(dataset).expanduser()
     if path.is_file():
         text = _read(path)

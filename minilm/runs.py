@@ -26,6 +26,7 @@ import atexit
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -148,11 +149,15 @@ class RunLock:
 
     def _take_over(self) -> None:
         # Rename, not unlink: of two processes taking over the same stale lock, only one rename succeeds.
+        stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}-{os.urandom(4).hex()}")
         try:
-            os.replace(self.path, self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}"))
-            self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}").unlink(missing_ok=True)
+            os.replace(self.path, stale)
         except FileNotFoundError:
-            pass
+            return
+        if stale.is_dir():  # not a lock file at all: something else made a folder of that name
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Give the lock up (only if this process holds it)."""

@@ -316,6 +316,7 @@ CONFIG_CASES = {
     "array": (b"[1]", "expected a JSON object"),
     "nan": (b'{"learning_rate": NaN}', "field 'learning_rate' must be finite"),
     "deep": (b"[" * 100000, "malformed JSON"),
+    "huge-number": (b'{"seed": ' + b"9" * 5000 + b"}", "a number in the file is too long to read"),
 }
 
 
@@ -353,9 +354,9 @@ def test_unreadable_config_file_is_one_error_line(micro_json, capsys, monkeypatc
 @pytest.mark.parametrize(
     "flags, pattern",
     [
-        (["--d_model", "1000000000", "--n_heads", "1"], r"the model would have [\d,]+ parameters"),
-        (["--n_layers", "100000000"], r"the model would have [\d,]+ parameters"),
-        (["--vocab_size", "1000000000000"], r"the model would have [\d,]+ parameters"),
+        (["--d_model", "1000000000", "--n_heads", "1"], r"the model would have [\d,.e+]+ parameters"),
+        (["--n_layers", "100000000"], r"the model would have [\d,.e+]+ parameters"),
+        (["--vocab_size", "1000000000000"], r"the model would have [\d,.e+]+ parameters"),
     ],
     ids=["d_model", "n_layers", "vocab_size"],
 )
@@ -436,6 +437,22 @@ def test_a_second_run_in_the_same_folder_names_the_process_that_holds_it(trained
     code, err = run_cli(argv, capsys)
     assert code == 0, err
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "folder"])
+def test_an_unreadable_old_lock_is_taken_over(trained, capsys, kind):
+    path, cfg, out = trained
+    lock = out / LOCK_FILE
+    if kind == "folder":
+        lock.mkdir()
+        (lock / "x").write_text("x")
+    else:
+        lock.write_text("garbage")
+    os.utime(lock, (0, 0))  # old: not a lock being written right now
+    argv = ["train", "--config", str(path), "--no_progress", "--resume_from_checkpoint", "latest", "--max_steps", "5"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_damaged_metrics_lines_are_skipped_and_never_block_a_resume(trained, capsys):
@@ -554,7 +571,7 @@ def test_damaged_data_cache_meta_is_rebuilt(micro_json, capsys, tmp_path, conten
     assert meta.read_bytes() == good
 
 
-@pytest.mark.parametrize("kind", ["bad-gzip", "latin-1", "missing"])
+@pytest.mark.parametrize("kind", ["bad-gzip", "latin-1", "missing", "empty-name"])
 def test_bad_dataset_is_one_error_line(micro_json, capsys, tmp_path, kind):
     path, _ = micro_json
     data = tmp_path / ("corpus.txt.gz" if kind == "bad-gzip" else "corpus.txt")
@@ -562,7 +579,14 @@ def test_bad_dataset_is_one_error_line(micro_json, capsys, tmp_path, kind):
         data.write_bytes(gzip.compress(b"hello world " * 1000)[:50])  # cut short
     elif kind == "latin-1":
         data.write_bytes("caf\xe9 ".encode("latin-1") * 1000)
-    expected = {"bad-gzip": "not a valid .gz file", "latin-1": "not UTF-8 text", "missing": "no such file or folder"}
+    elif kind == "empty-name":
+        data = ""
+    expected = {
+        "bad-gzip": "not a valid .gz file",
+        "latin-1": "not UTF-8 text",
+        "missing": "no such file or folder",
+        "empty-name": "dataset is empty",
+    }
     code, err = run_cli(["train", "--config", str(path), "--no_progress", "--dataset", str(data)], capsys)
     assert_one_error(code, err, 1, expected[kind])
 
