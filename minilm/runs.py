@@ -210,7 +210,8 @@ def check_fresh_output_dir(output_dir: str | Path, *, overwrite: bool, log: Log 
         raise RunError(
             f"{output_dir}: holds another run ({listed}). Continue it with --resume_from_checkpoint latest, "
             "start over with --overwrite_output_dir (its files move to "
-            f"{output_dir / REPLACED_DIR}/), or choose another --output_dir"
+            f"{output_dir / REPLACED_DIR}/), or choose another --output_dir "
+            "(in Python: Trainer(cfg, resume_from_checkpoint=...) or Trainer(cfg, overwrite_output_dir=True))"
         )
     folder = _replaced_folder(output_dir, "overwritten")
     for name in found:
@@ -297,13 +298,14 @@ def rewind(output_dir: str | Path, step: int, *, write: bool = True, log: Log = 
             kept_lines.append(line)
         else:
             moved_lines.append(line)
-    later = [p for p in ckpt_io.list_checkpoints(output_dir) if ckpt_io.checkpoint_step(p) > step]
-    later += [
+    if not write:  # other ranks: read only (rank 0 moves the files)
+        return kept
+    later = [
         p
-        for p in output_dir.glob("checkpoint-*")
-        if p not in later and p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and int(p.name[11:]) > step
+        for p in (output_dir.iterdir() if output_dir.is_dir() else [])
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) and int(p.name[11:]) > step
     ]
-    if not write or not (moved_lines or later):
+    if not (moved_lines or later):
         return kept
     folder = _replaced_folder(output_dir, f"after-step-{step}")
     if moved_lines:

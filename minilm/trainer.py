@@ -284,6 +284,9 @@ class Trainer:
         cpu_bf16: on a CPU with ``bf16``/``fp16`` set: None runs bf16 autocast only where the CPU
             multiplies bf16 natively (else fp32, which is faster there); True runs it on any CPU
             (emulated where not native: several times slower); False keeps fp32. See :mod:`minilm.precision`.
+        overwrite_output_dir: start a fresh run even where ``output_dir`` holds another run's
+            checkpoints or metrics (they move to ``output_dir/replaced/``); see :mod:`minilm.runs`.
+        skip_memory_check: start even when a step's estimated memory exceeds what is free.
     """
 
     def __init__(
