@@ -635,3 +635,21 @@ def test_leftovers_of_interrupted_saves_are_cleaned_at_start_with_a_notice(train
     printed = capsys.readouterr().out
     assert "note: removed 2 leftover(s) of interrupted saves or deletes" in printed
     assert not any(p.name.startswith(".") and p.name != LOCK_FILE for p in out.iterdir())
+
+
+def test_a_checkpoint_written_before_safetensors_still_resumes_exactly(trained, capsys):
+    """Format 1 (model.pt, a manifest of sizes): resuming from it reaches the same step-4 weights."""
+    path, cfg, out = trained
+    original = load_checkpoint(out / "checkpoint-4").model_state
+    ck = out / "checkpoint-2"
+    torch.save(load_checkpoint(ck).model_state, ck / "model.pt")
+    (ck / "model.safetensors").unlink()
+    files = {str(p.relative_to(ck)): p.stat().st_size for p in sorted(ck.rglob("*")) if p.is_file()}
+    files.pop("manifest.json")
+    (ck / "manifest.json").write_text(json.dumps({"format_version": 1, "step": 2, "files": files}))
+    code, err = run_cli(["train", "--no_progress", "--resume_from_checkpoint", str(ck)], capsys)
+    assert code == 0, err
+    resumed = load_checkpoint(out / "checkpoint-4")
+    assert (resumed.path / "model.safetensors").is_file()  # saved in the new format from then on
+    for name, value in original.items():
+        assert torch.equal(resumed.model_state[name], value), name
