@@ -3,11 +3,17 @@
 A checkpoint is a folder ``output_dir/checkpoint-N`` (N = optimizer steps taken)::
 
     checkpoint-600/
-        model.pt            model weights (state dict; never with torch.compile's ``_orig_mod.`` prefix)
+        model.safetensors   model weights in safetensors (no pickle: loading runs no code; never with
+                            torch.compile's ``_orig_mod.`` prefix). Checkpoints written before hold model.pt.
         training_state.pt   optimizer, gradient scaler, step, RNG states, data-sampler position
         config.json         the run's Config, readable by minilm.config.load_config
         tokenizer/          the tokenizer, so the checkpoint decodes exactly as it was trained
-        manifest.json       file sizes, written last: a folder without it is not a checkpoint
+        manifest.json       size and SHA-256 of every file, written last: a folder without it is not a checkpoint
+
+**Checksums.** Loading compares every file with the manifest's SHA-256 and names the one that
+differs (a flipped bit on disk, a partial copy), so damaged weights are never trained on or
+sampled from. :func:`latest_checkpoint` takes the newest checkpoint that verifies and warns
+about each newer one it skipped.
 
 **Atomic writes.** Everything is written into a hidden temporary folder next to the
 target, each file is fsync'ed, and only then is the folder renamed to ``checkpoint-N``.
@@ -15,7 +21,10 @@ A rename within one file system is atomic, so a process killed at any moment lea
 either the complete new checkpoint or none at all; older checkpoints are untouched.
 Re-saving an existing step first moves the old folder aside (``.old-checkpoint-N``): a kill
 between that and the final rename leaves only the old one, which the next listing, load or
-save renames back.
+save renames back. A checkpoint that rotation (``save_total_limit``) removes first leaves by one
+rename, into a hidden ``.trash-`` name, and only then are its files deleted: a kill during the
+delete never leaves a half-deleted ``checkpoint-N`` behind. :func:`clean_output_dir` removes such
+leftovers when a run starts.
 
 **Safe loading.** Every ``torch.load`` uses ``weights_only=True``, which refuses to run
 pickled code: RNG states and counters are stored as tensors and plain Python values.
@@ -29,37 +38,48 @@ path and what is wrong.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
-from collections.abc import Collection
+import warnings
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
-from minilm.config import Config, ConfigError, config_from_dict
+from minilm.config import Config, ConfigError, config_from_dict, parse_json_object
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"  # checkpoints written before safetensors: still loaded (weights_only=True)
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: safetensors weights, SHA-256 per file; 1: model.pt, sizes only
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 _OLD_PREFIX = ".old-checkpoint-"
 _OLD_RE = re.compile(r"^\.old-checkpoint-(\d+)$")
+_TRASH_PREFIX = ".trash-"
+_ALIASES_KEY = "minilm_aliases"  # safetensors metadata: tied weights, stored once
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names its path and what is wrong."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint skipped by :func:`latest_checkpoint`, or debris cleaned from an output_dir."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,6 +208,59 @@ def _torch_save(obj: Any, path: Path) -> None:
     torch.save(obj, path)
 
 
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a state dict as safetensors. Tied weights (one tensor under two names) are stored once.
+
+    safetensors refuses tensors that share memory; the second name of a tied weight is recorded
+    in the file's metadata instead (``{"lm_head.weight": "wte.weight"}``) and restored on load.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        ident = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), tuple(value.stride()))
+        if value.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = value.detach().to("cpu").contiguous()
+    _torch_save_weights(tensors, path, {_ALIASES_KEY: json.dumps(aliases)})
+
+
+def _torch_save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    # One place where weights go to disk (tests replace it to fail or stall a save).
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state dict written by :func:`save_weights` (safetensors: no pickle is involved)."""
+    device = str(map_location)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
+        for alias, target in aliases.items():
+            state[alias] = state[target]
+    except Exception as e:  # a truncated or overwritten file; bad metadata
+        raise CheckpointError(f"{path}: corrupt or unreadable weights file ({_first_line(e)})") from None
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -213,21 +286,33 @@ def save_checkpoint(
     final = checkpoint_path(output_dir, step)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=output_dir))
     try:
-        _torch_save(clean_state_dict(model_state), tmp / MODEL_FILE)
-        _torch_save({"format_version": FORMAT_VERSION, "step": step, **training_state}, tmp / STATE_FILE)
-        config.save(tmp / CONFIG_FILE)
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_DIR)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _write_tree_durably(tmp)
+        try:
+            save_weights(clean_state_dict(model_state), tmp / MODEL_FILE)
+            _torch_save({"format_version": FORMAT_VERSION, "step": step, **training_state}, tmp / STATE_FILE)
+            config.save(tmp / CONFIG_FILE)
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER_DIR)
+            files = {
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            _write_tree_durably(tmp)
+        except (OSError, RuntimeError, safetensors.SafetensorError) as e:
+            # A full disk reaches us as OSError from Python, RuntimeError from torch.save
+            # ("file write failed") or SafetensorError: one message for all three.
+            raise CheckpointError(
+                f"{final}: could not write the checkpoint ({_first_line(e)}); a full disk is the usual cause: "
+                "free space or choose another --output_dir (the checkpoints already saved are intact)"
+            ) from None
         if final.exists():
             # Re-saving the same step (e.g. after a resume): move the old one aside first,
             # since a folder cannot be renamed over a non-empty folder.
             old = output_dir / f"{_OLD_PREFIX}{step}"
             if old.exists():
-                shutil.rmtree(old)
+                discard(old)
             os.replace(final, old)
             try:
                 os.replace(tmp, final)
@@ -238,7 +323,7 @@ def save_checkpoint(
                     raise
                 os.replace(final, old)
                 os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
         else:
             os.replace(tmp, final)
         _fsync_dir(output_dir)
@@ -252,11 +337,57 @@ def save_checkpoint(
     return final
 
 
-def _remove_stale_temporaries(output_dir: Path, keep: Path) -> None:
-    """Delete half-written folders that a killed save left behind (never a finished checkpoint)."""
+def discard(path: Path) -> None:
+    """Delete a checkpoint folder so that no kill leaves half of it under its own name.
+
+    One rename moves it to a hidden ``.trash-`` name (atomic), then its files are deleted. A kill
+    during the delete leaves only trash, which :func:`clean_output_dir` removes; never a
+    ``checkpoint-N`` that lost some files but kept its manifest.
+    """
+    trash = path.parent / f"{_TRASH_PREFIX}{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return  # already gone
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale_temporaries(output_dir: Path, keep: Path | None = None) -> list[Path]:
+    """Delete what killed saves and deletes left behind (never a finished checkpoint); returns what went."""
+    removed = []
     for p in output_dir.iterdir():
-        if p.is_dir() and p != keep and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_OLD_PREFIX)):
-            shutil.rmtree(p, ignore_errors=True)
+        debris = p.name.startswith((_TMP_PREFIX, _OLD_PREFIX, _TRASH_PREFIX))
+        if debris and p != keep:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def clean_output_dir(output_dir: str | Path) -> list[str]:
+    """Tidy an output_dir before a run writes to it; returns one notice per thing done (empty: nothing to do).
+
+    Puts back a checkpoint that a killed re-save had moved aside, and deletes the temporary
+    folders of killed saves and the trash of killed deletes. Call it only when no other
+    process writes there (the run lock, :mod:`minilm.runs`, sees to that).
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    before = {p.name for p in output_dir.iterdir()}
+    _restore_moved_aside(output_dir)
+    restored = sorted(n for n in {p.name for p in output_dir.iterdir()} - before)
+    notices = [f"restored {output_dir / n}, moved aside by a re-save that was interrupted" for n in restored]
+    removed = _remove_stale_temporaries(output_dir)
+    if removed:
+        notices.append(
+            f"removed {len(removed)} leftover(s) of interrupted saves or deletes in {output_dir}: "
+            + ", ".join(p.name for p in removed)
+        )
+    return notices
 
 
 def _restore_moved_aside(output_dir: Path) -> None:
@@ -290,10 +421,40 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def find_latest_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint in ``output_dir`` that is complete and verifies, [(newer one skipped, why)]).
+
+    Folders named ``checkpoint-N`` without a manifest (a save interrupted by an older minilm, a
+    copy in progress) count as skipped too; a damaged checkpoint is never picked.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None, []
+    _restore_moved_aside(output_dir)
+    named = sorted(
+        ((int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()),
+        reverse=True,
+    )
+    skipped: list[tuple[Path, str]] = []
+    for _, p in named:
+        try:
+            check_checkpoint(p, verify=True)
+        except CheckpointError as e:
+            skipped.append((p, str(e)))
+            continue
+        return p, skipped
+    return None, skipped
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the most steps in ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest checkpoint in ``output_dir`` that is complete and verifies, or None.
+
+    Each newer one skipped is reported as a :class:`CheckpointWarning` saying why.
+    """
+    found, skipped = find_latest_checkpoint(output_dir)
+    for path, why in skipped:
+        warnings.warn(f"skipped {path.name}: {why}", CheckpointWarning, stacklevel=2)
+    return found
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -330,7 +491,7 @@ def rotate_checkpoints(
     ranked = sorted(found, key=age)
     doomed = [p for p in ranked[: max(0, len(found) - keep)] if p != newest]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        discard(p)
     return doomed
 
 
@@ -357,14 +518,22 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated zip, bytes flipped on disk, a pickle with code in it
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # Only the first line of torch's message: its advice to retry with weights_only=False
+        # would run whatever code the file holds.
+        first_line = _first_line(e).split(" Please file an issue")[0].split(" Re-running `torch.load`")[0]
         raise CheckpointError(
-            f"{path}: corrupt or unreadable checkpoint file ({type(e).__name__}: {first_line})"
-        ) from e
+            f"{path}: corrupt or unreadable checkpoint file ({first_line}); it holds something other than "
+            "tensors and plain values (never load it with weights_only=False unless you trust its source): "
+            "use an older checkpoint"
+        ) from None
 
 
-def check_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint; return its manifest."""
+def check_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete checkpoint; return its manifest.
+
+    ``verify`` also compares each file's SHA-256 with the manifest (reads every byte: about a
+    second per GB); checkpoints written before format 2 have sizes only, which are checked.
+    """
     path = Path(path)
     if not path.exists() and path.parent.is_dir():
         _restore_moved_aside(path.parent)
@@ -382,42 +551,103 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
             "or this folder is not a minilm checkpoint)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = parse_json_object(manifest_path.read_bytes(), str(manifest_path), what="manifest")
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest_path}: corrupt manifest ({e})") from None
-    for name, size in files.items():
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
+        entries = {}
+        for name, entry in files.items():
+            if isinstance(entry, dict):  # format 2: {"bytes": n, "sha256": hex}
+                entries[name] = (entry["bytes"], entry["sha256"])
+            else:  # format 1: the size alone
+                entries[name] = (entry, None)
+            if not isinstance(entries[name][0], int) or ".." in Path(name).parts or Path(name).is_absolute():
+                raise TypeError(f"bad entry for {name!r}")
+    except (ConfigError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(
+            f"{manifest_path}: corrupt manifest ({e}); this checkpoint cannot be checked: use an older one"
+        ) from None
+    for name, (size, _) in entries.items():
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
+            raise CheckpointError(f"{path}: {name} is missing (the checkpoint is incomplete): use an older one")
         if f.stat().st_size != size:
             raise CheckpointError(
-                f"{f}: corrupt checkpoint file, {f.stat().st_size} bytes on disk but {size} were written"
+                f"{f}: corrupt checkpoint file, {f.stat().st_size} bytes on disk but {size} were written: "
+                "use an older checkpoint"
             )
+    for name, (_, sha) in entries.items():  # after the cheap checks: hashing reads every byte
+        f = path / name
+        if verify and sha is not None and file_sha256(f) != sha:
+            raise CheckpointError(
+                f"{f}: corrupt checkpoint file, its SHA-256 differs from the one recorded when it was saved "
+                "(changed on disk or by a bad copy): use an older checkpoint, or copy this one again"
+            )
+    if MODEL_FILE not in entries and LEGACY_MODEL_FILE not in entries:
+        raise CheckpointError(f"{path}: the manifest lists no model weights ({MODEL_FILE}): use an older checkpoint")
     return manifest
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and check a checkpoint folder; raises :class:`CheckpointError` if it cannot be used."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, training_state: bool = True
+) -> Checkpoint:
+    """Read and verify a checkpoint folder; raises :class:`CheckpointError` if it cannot be used.
+
+    ``training_state=False`` skips ``training_state.pt`` (sampling needs only the weights, which
+    are safetensors: then nothing is unpickled at all); ``training_state`` is then ``{}`` and
+    ``step`` comes from the manifest.
+    """
     path = Path(path)
-    check_checkpoint(path)
+    manifest = check_checkpoint(path)
     try:
-        config = config_from_dict(
-            json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE), check_estimate=False
-        )
-    except (json.JSONDecodeError, ConfigError) as e:
+        values = parse_json_object((path / CONFIG_FILE).read_bytes(), str(path / CONFIG_FILE), what="config")
+        config = config_from_dict(values, source=str(path / CONFIG_FILE), check_estimate=False)
+    except (ConfigError, OSError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: corrupt config ({e})") from None
-    model_state = _torch_load(path / MODEL_FILE, map_location)
-    training_state = _torch_load(path / STATE_FILE, map_location)
-    if not isinstance(model_state, dict) or not isinstance(training_state, dict) or "step" not in training_state:
-        raise CheckpointError(f"{path}: files do not hold a minilm checkpoint")
+    if (path / MODEL_FILE).is_file():
+        model_state = load_weights(path / MODEL_FILE, map_location)
+    else:  # a checkpoint written before safetensors
+        model_state = _torch_load(path / LEGACY_MODEL_FILE, map_location)
+    state: dict[str, Any] = {}
+    if training_state:
+        state = _torch_load(path / STATE_FILE, map_location)
+    bad_model = not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values())
+    if bad_model or not isinstance(state, dict) or (training_state and "step" not in state):
+        raise CheckpointError(f"{path}: its files do not hold a minilm checkpoint (no weights or no step)")
+    step = state["step"] if training_state else manifest.get("step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"{path}: its step is not a number ({step!r})")
     return Checkpoint(
         path=path,
-        step=int(training_state["step"]),
+        step=int(step),
         config=config,
         model_state=clean_state_dict(model_state),
-        training_state=training_state,
+        training_state=state,
     )
+
+
+@contextlib.contextmanager
+def resume_errors(path: str | Path) -> Iterator[None]:
+    """Turn what a checkpoint's contents can raise while a run resumes from it into one :class:`CheckpointError`.
+
+    The files passed their checksums, so this is a file written by something other than minilm's
+    trainer, or by a different version: a missing key (``training_state.pt`` without the optimizer),
+    a tensor of the wrong shape, an RNG state of the wrong type.
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(
+            f"{Path(path) / STATE_FILE}: has no {e} entry, which a resume needs (not written by minilm's trainer?): "
+            "use another checkpoint"
+        ) from None
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: cannot resume from it ({_first_line(e)}): its training state does not fit this run; "
+            "use another checkpoint"
+        ) from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -425,12 +655,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from minilm.model import GPT
     from minilm.tokenizer import load_tokenizer
 
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", training_state=False)
     model = GPT(ckpt.config)
     try:
         model.load_state_dict(ckpt.model_state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the checkpoint's config ({e})") from None
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not fit the checkpoint's config ({' '.join(first[:2])})") from None
     model.to(device).eval()
     if ckpt.tokenizer_dir is None:
         raise CheckpointError(f"{path}: has no {TOKENIZER_DIR}/ folder, so its token ids cannot be decoded")

@@ -25,7 +25,10 @@ Every config field is also a flag (``--<field> VALUE``) that overrides the file;
 value exits with status 2 and a message naming the field. Exit status of a training
 run: 0 finished, 1 failed (a non-finite loss, a bad checkpoint or dataset, a checkpoint
 that cannot continue with the given seed or batch size, an output_dir that cannot be
-written), 2 bad command line or config, 130 stopped by a signal after saving a checkpoint.
+written, holds another run or is in use, a step that will not fit in memory), 2 bad command
+line or config, 130 stopped by a signal after saving a checkpoint. Every failure prints one
+line starting with ``error:`` (docs/troubleshooting.md lists them all); under ``torchrun`` the
+launcher itself exits 1 whatever its workers' status, and names each worker's status in its report.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from minilm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, load_model
+from minilm.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, load_model
 from minilm.config import (
     FIELDS,
     Config,
@@ -50,6 +56,7 @@ from minilm.config import (
 )
 from minilm.counting import parameter_table
 from minilm.data import DataError
+from minilm.runs import RunError
 from minilm.tokenizer import TokenizerError
 
 COMMANDS = ("train", "sample", "generate", "export", "grade")
@@ -72,6 +79,17 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache_dir", type=Path, help="Tokenized-data cache (default $MINILM_CACHE or ~/.cache/minilm)."
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a fresh run even where output_dir holds another run's checkpoints or metrics "
+        "(they move to output_dir/replaced/, nothing is deleted).",
+    )
+    parser.add_argument(
+        "--skip_memory_check",
+        action="store_true",
+        help="Start even when the memory estimate of a step exceeds the free RAM / GPU memory.",
     )
     parser.add_argument("--no_progress", action="store_true", help="No progress bar (for log files).")
     parser.add_argument(
@@ -116,6 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    with warnings.catch_warnings():
+        # A warning is one line, like an error: "warning: <what> ..." (not Python's two-line format).
+        previous = warnings.showwarning
+        warnings.showwarning = _show_warning
+        try:
+            return _dispatch(command, argv)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a failure none of the handlers below expected: still one line
+            if os.environ.get("MINILM_TRACEBACK"):
+                raise
+            return _error(
+                f"unexpected {type(e).__name__}: {e} (a bug in minilm: please report it with the command; "
+                "set MINILM_TRACEBACK=1 to see where it happened)"
+            )
+        finally:
+            warnings.showwarning = previous
+
+
+def _dispatch(command: str, argv: list[str]) -> int:
     if command == "train":
         return run_train(argv)
     if command == "export":  # a Hugging Face GPT2LMHeadModel folder: see minilm.export
@@ -127,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return grade_main(argv)
     return run_sample(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _error(msg: str, code: int = EXIT_FAILED) -> int:
@@ -150,7 +192,7 @@ def resolve_train_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
         if ns.config is not None:
             cfg = load_config(ns.config, overrides)
         elif resume is not None and resume != "latest":
-            base = load_checkpoint(resume).config.to_dict()
+            base = load_checkpoint(resume, training_state=False).config.to_dict()
             cfg = config_from_dict({**base, **overrides}, source=f"{resume}/config.json with overrides")
         else:
             parser.error("--config is required (or --resume_from_checkpoint PATH to continue a run with its config)")
@@ -172,20 +214,39 @@ def run_train(argv: list[str]) -> int:
         return EXIT_OK
     resume = ns.resume_from_checkpoint
     if resume == "latest":
-        resume = latest_checkpoint(cfg.output_dir)
+        resume, skipped = find_latest_checkpoint(cfg.output_dir)
+        for path, why in skipped:
+            print(f"warning: --resume_from_checkpoint latest skipped {path.name}: {why}", file=sys.stderr)
         if resume is None:
-            return _error(f"--resume_from_checkpoint latest: no checkpoint in {cfg.output_dir}")
+            what = "no usable checkpoint" if skipped else "no checkpoint"
+            return _error(
+                f"--resume_from_checkpoint latest: {what} in {cfg.output_dir}; start without it "
+                "(add --overwrite_output_dir if the folder holds metrics) or point --output_dir at the run"
+            )
 
     trainer = None
     try:
-        trainer = Trainer(cfg, resume_from_checkpoint=resume, progress=not ns.no_progress, cache_dir=ns.cache_dir)
+        trainer = Trainer(
+            cfg,
+            resume_from_checkpoint=resume,
+            progress=not ns.no_progress,
+            cache_dir=ns.cache_dir,
+            overwrite_output_dir=ns.overwrite_output_dir,
+            skip_memory_check=ns.skip_memory_check,
+        )
         result = trainer.train()
     except ConfigError as e:  # e.g. world_size does not match torchrun's
         return _error(str(e), EXIT_USAGE)
-    except (CheckpointError, DataError, TokenizerError) as e:
+    except (CheckpointError, DataError, TokenizerError, RunError) as e:
         return _error(str(e))
     except OSError as e:  # a folder that cannot be created or written, a full disk
         return _error(_os_error_message(e, cfg))
+    except torch.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        return _error(
+            f"out of memory on {cfg.device}: {first[:200]}; run minilm.sizing.plan_to_fit(cfg, GB) for the "
+            "cheapest fix (docs/troubleshooting.md#out-of-memory)"
+        )
     finally:
         if trainer is not None:
             trainer.close()
@@ -200,7 +261,7 @@ def run_train(argv: list[str]) -> int:
 def _os_error_message(e: OSError, cfg: Config) -> str:
     """An OSError as one line: the path, what the system said, and the flag to change if it is output_dir."""
     if not e.filename:
-        return str(e)
+        return f"{e.strerror or e}; checkpoints and metrics go to output_dir ({cfg.output_dir}): check it is writable"
     msg = f"{e.filename}: {e.strerror or e}"
     path, out = Path(e.filename).absolute(), Path(cfg.output_dir).absolute()
     if path == out or out in path.parents or path in out.parents:
@@ -209,9 +270,18 @@ def _os_error_message(e: OSError, cfg: Config) -> str:
 
 
 def _resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder as given, or the newest checkpoint inside an output_dir."""
-    if path.is_dir() and not (path / "manifest.json").exists() and list_checkpoints(path):
-        return list_checkpoints(path)[-1]
+    """A checkpoint folder as given, or the newest checkpoint inside an output_dir that verifies."""
+    if path.is_dir() and not (path / "manifest.json").exists() and not path.name.startswith("checkpoint-"):
+        found, skipped = find_latest_checkpoint(path)
+        for p, why in skipped:
+            print(f"warning: skipped {p.name}: {why}", file=sys.stderr)
+        if found is None:
+            raise CheckpointError(
+                f"{path}: no usable checkpoint in this folder"
+                + (" (every one is damaged or incomplete)" if skipped else "")
+                + ": give a checkpoint-N folder or an output_dir that holds one"
+            )
+        return found
     return path
 
 
@@ -225,6 +295,10 @@ def run_sample(argv: list[str]) -> int:
         parser.error("--max_new_tokens, --temperature and --top_k must be >= 0 and --num_samples >= 1")
     if ns.top_p is not None and not 0 < ns.top_p <= 1:
         parser.error(f"--top_p must be in (0, 1], got {ns.top_p}")
+    if not math.isfinite(ns.temperature):
+        parser.error(f"--temperature must be a finite number >= 0, got {ns.temperature}")
+    if not 0 <= ns.seed < 2**63:
+        parser.error(f"--seed must be from 0 to 2**63 - 1, got {ns.seed}")
     try:
         device = local_device(ns.device)
         model, tokenizer, _ = load_model(_resolve_checkpoint(ns.checkpoint), device=device)
@@ -233,6 +307,7 @@ def run_sample(argv: list[str]) -> int:
     except (CheckpointError, TokenizerError) as e:
         return _error(str(e))
     gen = torch.Generator(device=device).manual_seed(ns.seed)
+    top_k = min(ns.top_k, model.cfg.vocab_size) or None  # more than the vocabulary means all of it
     try:
         texts = generate_text(
             model,
@@ -240,7 +315,7 @@ def run_sample(argv: list[str]) -> int:
             ns.prompt,
             ns.max_new_tokens,
             ns.temperature,
-            ns.top_k or None,
+            top_k,
             gen,
             ns.num_samples,
             top_p=ns.top_p,

@@ -46,8 +46,13 @@ def _f(default: Any, group: str, help: str, **limits: Any) -> Any:
     return field(default=default, metadata={"group": group, "help": help, **limits})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """A validated run config. Frozen: change fields with :meth:`replace`, which validates the copy.
+
+    (``cfg.batch_size = -3`` raises ``dataclasses.FrozenInstanceError`` instead of being accepted.)
+    """
+
     # --- description ------------------------------------------------------------------
     description: str = _f("", "meta", "What this config is for, in one sentence.")
     estimated_parameters: int | None = _f(
@@ -191,7 +196,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> Config:
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed; raises :class:`ConfigError` naming a bad or unknown field."""
+        for key in changes:
+            if key not in FIELDS:
+                raise ConfigError(f"replace: {_unknown_key_message(key)}")
         return dataclasses.replace(self, **changes)
 
     def save(self, path: str | Path) -> None:
@@ -292,6 +300,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("fields 'fp16' and 'bf16' are both true: choose at most one mixed-precision mode")
     if cfg.warmup_steps > cfg.max_steps:
         raise ConfigError(f"field 'warmup_steps' ({cfg.warmup_steps}) must be <= max_steps ({cfg.max_steps})")
+    _check_size(cfg)
+
+
+# No machine minilm runs on holds a model this large (4 TB of fp32 weights alone): a config
+# beyond it is a typo (d_model 1000000000), refused before anything is allocated.
+MAX_PARAMETERS = 10**12
+
+
+def _check_size(cfg: Config) -> None:
+    from minilm.counting import count_parameters  # counting imports config; import late
+
+    n = count_parameters(cfg).total
+    if n > MAX_PARAMETERS:
+        raise ConfigError(
+            f"the model would have {n:,.4g} parameters ({4 * n / 1e12:,.4g} TB of fp32 weights), more than "
+            f"minilm's limit of {MAX_PARAMETERS:,}: check d_model ({cfg.d_model}), n_layers ({cfg.n_layers}), "
+            f"d_ff ({cfg.d_ff}), vocab_size ({cfg.vocab_size}) and max_seq_len ({cfg.max_seq_len})"
+        )
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -435,23 +461,57 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None, *, ch
     if not path.suffix and not path.exists():  # a short name such as "tiny"
         path = config_path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a .json config file") from None
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of fields, got {type(values).__name__}")
+    except OSError as e:  # no permission, an I/O error
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    values = parse_json_object(raw, str(path), what="config file")
     if overrides:
         for key in overrides:
             if key not in FIELDS:
                 raise ConfigError(f"override: {_unknown_key_message(key)}")
         values = {**values, **overrides}
     return config_from_dict(values, source=str(path), check_estimate=check_estimate)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads`: a key given twice is an error, not "the last one wins"."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key '{key}' appears twice (JSON keeps only the last one): delete one of them")
+        out[key] = value
+    return out
+
+
+def parse_json_object(raw: bytes, source: str, *, what: str = "file") -> dict[str, Any]:
+    """Decode a JSON object from bytes: UTF-8 with or without a byte-order mark, duplicate keys refused.
+
+    Raises :class:`ConfigError` naming ``source`` for another encoding, malformed JSON, a
+    duplicated key, or a top-level value that is not an object.
+    """
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Windows Notepad writes one) is dropped
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r}); re-save the {what} as UTF-8"
+        ) from None
+    try:
+        values = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: malformed JSON (nested too deeply)") from None
+    except ValueError as e:  # a number with thousands of digits (Python's int conversion limit)
+        raise ConfigError(f"{source}: a number in the file is too long to read ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a JSON object of fields, got {type(values).__name__}")
+    return values
 
 
 def parse_bool(text: str) -> bool:

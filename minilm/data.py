@@ -48,6 +48,8 @@ import hashlib
 import itertools
 import json
 import os
+import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -84,6 +86,8 @@ def load_text(dataset: str | Path) -> str:
     """
     if str(dataset) in BUNDLED:
         return _read(BUNDLED[str(dataset)])
+    if not str(dataset).strip():
+        raise DataError("dataset is empty: give 'shakespeare' (the bundled corpus), a text file or a folder of .txt")
     path = Path(dataset).expanduser()
     if path.is_file():
         text = _read(path)
@@ -103,7 +107,14 @@ def load_text(dataset: str | Path) -> str:
 
 
 def _read(path: Path) -> str:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except PermissionError:
+        raise DataError(f"{path}: no permission to read it; fix its permissions or copy it elsewhere") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a valid .gz file ({e}); re-compress it, or give the plain text file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a text file") from None
     try:
         text = raw.decode("utf-8-sig")  # -sig: drop a byte-order mark if an editor wrote one
     except UnicodeDecodeError as e:
@@ -184,7 +195,8 @@ def prepare_data(cfg: Config, cache_dir: str | Path | None = None) -> PreparedDa
     key = _sha(str(CACHE_FORMAT), text_sha, repr(cfg.val_fraction), tokenizer.fingerprint, dtype.name)
     tok_cache = cache / f"tokens-{key}"
     meta_path = tok_cache / "meta.json"
-    if not meta_path.exists():  # meta.json is written last: present means complete
+    meta = _read_cache_meta(meta_path) if meta_path.exists() else None  # None: damaged, rebuilt below
+    if meta is None:  # meta.json is written last: present (and readable) means complete
         tok_cache.mkdir(parents=True, exist_ok=True)
         lengths = {}
         for split, split_text_ in (("train", train_text), ("val", val_text)):
@@ -203,12 +215,33 @@ def prepare_data(cfg: Config, cache_dir: str | Path | None = None) -> PreparedDa
             "tokens": lengths,
         }
         _write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
-    meta = json.loads(meta_path.read_text())
     train, val = (
         np.memmap(tok_cache / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"][split],))
         for split in ("train", "val")
     )
     return PreparedData(tokenizer, train, val)
+
+
+def _read_cache_meta(meta_path: Path) -> dict[str, Any] | None:
+    """The cache's meta.json if it and the token files it describes are whole, else None (then rebuilt).
+
+    The cache is derived data: a damaged entry (garbage, an empty file, a token file of the
+    wrong size, a hand edit) is rebuilt from the text with a warning, never trusted or fatal.
+    """
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8-sig"))
+        dtype = np.dtype(meta["dtype"])
+        if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+            raise ValueError(f"dtype {dtype}")
+        for split in ("train", "val"):
+            n = meta["tokens"][split]
+            size = (meta_path.parent / f"{split}.bin").stat().st_size
+            if not isinstance(n, int) or n < 0 or size != n * dtype.itemsize:
+                raise ValueError(f"{split}.bin holds {size} bytes, not {n} tokens")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        warnings.warn(f"{meta_path}: damaged token cache ({e}); rebuilding it", UserWarning, stacklevel=3)
+        return None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -13,7 +13,6 @@ evaluates every ``eval_steps`` and saves every ``save_steps``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
-from minilm import report
+from minilm import report, runs
 from minilm import step as one_step
 from minilm.checkpoint import CheckpointError
 from minilm.config import SHAPE_FIELDS, Config
@@ -127,6 +126,9 @@ class Trainer:
         cpu_bf16: on a CPU with ``bf16``/``fp16`` set: None runs bf16 autocast only where the CPU
             multiplies bf16 natively (else fp32, which is faster there); True runs it on any CPU
             (emulated where not native: several times slower); False keeps fp32. See :mod:`minilm.precision`.
+        overwrite_output_dir: start a fresh run even where ``output_dir`` holds another run's
+            checkpoints or metrics (they move to ``output_dir/replaced/``); see :mod:`minilm.runs`.
+        skip_memory_check: start even when a step's estimated memory exceeds what is free.
     """
 
     def __init__(
@@ -141,6 +143,8 @@ class Trainer:
         handle_signals: bool = True,
         sample_tokens: int = 300,
         cpu_bf16: bool | None = None,
+        overwrite_output_dir: bool = False,
+        skip_memory_check: bool = False,
     ):
         self.cfg = cfg
         self.device = dist_utils.local_device(cfg.device)
@@ -152,6 +156,16 @@ class Trainer:
         self.sample_tokens = sample_tokens
         self.output_dir = Path(cfg.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
+        # Before anything is allocated or written: memory check, run lock, one run per folder (minilm.runs).
+        self._run_lock = runs.start_run(
+            cfg,
+            self.device,
+            resuming=resume_from_checkpoint is not None,
+            is_main=self.is_main,
+            overwrite_output_dir=overwrite_output_dir,
+            skip_memory_check=skip_memory_check,
+            log=self.log,
+        )
         self.callbacks: dict[str, list[Callback]] = {e: [] for e in EVENTS}
         items = callbacks.items() if isinstance(callbacks, Mapping) else (callbacks or [])
         for event, fn in items:
@@ -172,7 +186,8 @@ class Trainer:
         self._boundary: dict[str, Any] = {}
 
         if resume_from_checkpoint is not None:
-            self._resume(Path(resume_from_checkpoint))
+            with ckpt_io.resume_errors(resume_from_checkpoint):
+                self._resume(Path(resume_from_checkpoint))
 
         self.model: nn.Module = self.raw_model
         if cfg.compile:
@@ -235,6 +250,8 @@ class Trainer:
     def close(self) -> None:
         """Stop data workers and leave the process group (the CLI calls this; notebooks rarely need to)."""
         self.sampler.close()
+        if self._run_lock is not None:
+            self._run_lock.release()
         dist_utils.cleanup(self.dist)
 
     def mfu(self, tokens_per_s: float) -> float | None:
@@ -398,28 +415,13 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     def _truncate_metrics(self, step: int) -> list[dict]:
-        """Keep metrics.jsonl records up to ``step`` (later ones belong to the run being replaced)."""
-        if not self.metrics_path.exists():
-            return []
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if rec.get("step", 0) <= step:
-                kept.append(rec)
-        if self.is_main:
-            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(self.metrics_path)
-        return kept
+        """Keep metrics.jsonl records up to ``step``; later ones (and checkpoints) move to replaced/ (minilm.runs)."""
+        return runs.rewind(self.output_dir, step, write=self.is_main, log=self.log)
 
     def _record(self, rec: dict) -> None:
         self.history.append(rec)
         if self.is_main:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            runs.append_record(self.metrics_path, rec)
 
     # -- the loop -----------------------------------------------------------------------
     def train(self) -> TrainResult:

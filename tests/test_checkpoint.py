@@ -1,8 +1,12 @@
-"""Checkpoints: round trip, atomic writes under SIGKILL, clear errors, keep-last-K, no _orig_mod. keys."""
+"""Checkpoints: round trip, safetensors weights, checksums, atomic writes and rotation under SIGKILL,
+clear errors, keep-last-K, no _orig_mod. keys."""
 
 import json
 import os
+import pickle
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +16,16 @@ import numpy as np
 import pytest
 import torch
 
+import minilm.checkpoint as checkpoint_module
 from minilm import GPT, Config
 from minilm.checkpoint import (
     CheckpointError,
+    CheckpointWarning,
     check_checkpoint,
+    clean_output_dir,
     clean_state_dict,
+    file_sha256,
+    find_latest_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -24,6 +33,7 @@ from minilm.checkpoint import (
     rng_state,
     rotate_checkpoints,
     save_checkpoint,
+    save_weights,
     set_rng_state,
 )
 from minilm.tokenizer import CharTokenizer
@@ -102,23 +112,26 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").unlink(missing_ok=True)
     half = tmp_path / "checkpoint-9"
     half.mkdir()
-    (half / "model.pt").write_bytes(b"partial")
+    (half / "model.safetensors").write_bytes(b"partial")
     with pytest.raises(CheckpointError, match="checkpoint-9: incomplete checkpoint, manifest.json is missing"):
         load_checkpoint(half)
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # the incomplete one is skipped
+    with pytest.warns(CheckpointWarning, match="skipped checkpoint-9: .*incomplete checkpoint"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"  # the incomplete one is skipped
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = save(tmp_path, 3)
-    model_file = path / "model.pt"
+    model_file = path / "model.safetensors"
     data = model_file.read_bytes()
 
     model_file.write_bytes(data[: len(data) // 2])  # truncated, e.g. a full disk
-    with pytest.raises(CheckpointError, match=r"model\.pt: corrupt checkpoint file, \d+ bytes on disk but \d+"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: corrupt checkpoint file, \d+ bytes on disk but \d+"
+    ):
         load_checkpoint(path)
 
     model_file.write_bytes(b"\0" * len(data))  # same size, wrong bytes
-    with pytest.raises(CheckpointError, match=r"model\.pt: corrupt or unreadable checkpoint file"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt checkpoint file, its SHA-256 differs"):
         load_checkpoint(path)
 
     (path / "training_state.pt").unlink()
@@ -126,15 +139,178 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         check_checkpoint(path)
 
 
+def rewrite_manifest_entry(path: Path, name: str) -> None:
+    """Record ``name``'s current size and hash, as a forger who also edits the manifest would."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    f = path / name
+    manifest["files"][name] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "training_state.pt", "config.json", "tokenizer/minilm_tokenizer.json"]
+)
+def test_flipped_bytes_in_any_file_are_caught_and_latest_skips_the_checkpoint(tmp_path, name):
+    """64 flipped bytes loaded silently before checksums (val loss 3.38 -> 4.92 on resume); now they name the file."""
+    good = save(tmp_path, 1)
+    bad = save(tmp_path, 2)
+    f = bad / name
+    data = bytearray(f.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: corrupt checkpoint file, its SHA-256 differs"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_model(bad)
+    with pytest.warns(CheckpointWarning, match=rf"skipped checkpoint-2: .*{re.escape(name)}.*SHA-256"):
+        assert latest_checkpoint(tmp_path) == good
+    found, skipped = find_latest_checkpoint(tmp_path)
+    assert found == good and [p for p, _ in skipped] == [bad]
+
+
 def test_pickled_code_is_refused(tmp_path):
-    """weights_only=True: a file that would run code on load is an error, not an execution."""
+    """weights_only=True: a file that would run code on load is an error, not an execution, and the
+    message does not relay torch's advice to retry with weights_only=False."""
     path = save(tmp_path, 1)
     torch.save({"payload": Path("/")}, path / "training_state.pt")  # an arbitrary class in the pickle
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["training_state.pt"] = (path / "training_state.pt").stat().st_size
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="training_state.pt: corrupt or unreadable"):
+    rewrite_manifest_entry(path, "training_state.pt")
+    with pytest.raises(CheckpointError, match="training_state.pt: corrupt or unreadable") as info:
         load_checkpoint(path)
+    assert "Re-running" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weights_are_safetensors_and_load_with_no_pickle(tmp_path, monkeypatch):
+    """Sampling a checkpoint reads safetensors weights, JSON and the tokenizer: nothing is unpickled."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    path = save(tmp_path, 1, model)
+    assert not (path / "model.pt").exists()
+    with open(path / "model.safetensors", "rb") as f:  # safetensors: an 8-byte length, then a JSON header
+        header_len = int.from_bytes(f.read(8), "little")
+        assert json.loads(f.read(header_len))["wte.weight"]["dtype"] == "F32"
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("pickle was used to load the weights")
+
+    monkeypatch.setattr(pickle, "Unpickler", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded, _, _ = load_model(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.lm_head.weight is loaded.wte.weight  # the tied weight was stored once and shared again
+    ck = load_checkpoint(path, training_state=False)
+    assert ck.step == 1 and ck.training_state == {}
+    with pytest.raises(CheckpointError, match="pickle was used"):  # the optimizer state is still torch.save's
+        load_checkpoint(path)
+
+
+def test_checkpoint_written_before_safetensors_still_loads(tmp_path):
+    """Format 1: model.pt (a weights_only pickle) and a manifest of sizes only."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    path = save(tmp_path, 4, model)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "model.pt")
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    files.pop("manifest.json")
+    (path / "manifest.json").write_text(json.dumps({"format_version": 1, "step": 4, "files": files}))
+    ck = load_checkpoint(path)
+    assert ck.step == 4 and all(torch.equal(ck.model_state[k], v) for k, v in model.state_dict().items())
+    assert latest_checkpoint(tmp_path) == path
+    loaded, _, _ = load_model(path)
+    assert torch.equal(loaded.wte.weight, model.wte.weight)
+
+
+@pytest.mark.parametrize(
+    "manifest, expected",
+    [
+        (b"\x8f\x00garbage\xff", "manifest.json: corrupt manifest .*not UTF-8"),
+        (b"", "manifest.json: corrupt manifest .*malformed JSON"),
+        (b'{"files": {"a": 1}, "files": {}}', "manifest.json: corrupt manifest .*appears twice"),
+        (b'{"files": {"../../etc/passwd": 5}}', "manifest.json: corrupt manifest .*bad entry"),
+        (b'{"files": {"model.safetensors": "big"}}', "manifest.json: corrupt manifest"),
+        (b"[1, 2]", "manifest.json: corrupt manifest .*expected a JSON object"),
+        (b'{"files": {}}', "the manifest lists no model weights"),
+    ],
+    ids=["bytes", "empty", "duplicate", "outside", "size-text", "list", "no-weights"],
+)
+def test_damaged_manifest_is_a_clear_error(tmp_path, manifest, expected):
+    path = save(tmp_path, 1)
+    (path / "manifest.json").write_bytes(manifest)
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"\xff\xfe\x00garbage", "config.json: corrupt config .*not UTF-8"),
+        (b'{"d_model": 32, "d_model": 64}', "config.json: corrupt config .*appears twice"),
+        (b'{"d_model": -1}', "config.json: corrupt config .*field 'd_model'"),
+    ],
+    ids=["bytes", "duplicate", "bad-field"],
+)
+def test_damaged_config_in_a_checkpoint_is_a_clear_error(tmp_path, content, expected):
+    path = save(tmp_path, 1)
+    (path / "config.json").write_bytes(content)
+    rewrite_manifest_entry(path, "config.json")  # the checksum matches: only the content is wrong
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path):
+    path = save(tmp_path, 1)
+    other = GPT(CFG.replace(d_model=64, n_heads=2))
+    save_weights(other.state_dict(), path / "model.safetensors")
+    rewrite_manifest_entry(path, "model.safetensors")
+    with pytest.raises(CheckpointError, match="weights do not fit the checkpoint's config"):
+        load_model(path)
+
+
+def test_a_full_disk_during_a_save_is_a_checkpoint_error_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError, not OSError: the save turns both into one clear error."""
+    save(tmp_path, 1)
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(checkpoint_module, "_torch_save", full_disk)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: could not write .*full disk is the usual cause"):
+        save(tmp_path, 2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]  # no temporary folder left, the last one intact
+    assert load_checkpoint(tmp_path / "checkpoint-1").step == 1
+
+
+def test_rotation_moves_a_checkpoint_away_in_one_rename_before_deleting(tmp_path, monkeypatch):
+    """A kill inside the delete leaves trash under a hidden name, never a half-deleted checkpoint-N."""
+    for step in (1, 2):
+        save(tmp_path, step)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # stands for a kill in the middle of deleting files
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 3, limit=2)
+    monkeypatch.undo()
+    names = sorted(os.listdir(tmp_path))
+    assert names[1:] == ["checkpoint-2", "checkpoint-3"] and names[0].startswith(".trash-checkpoint-1-")
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"]
+    notices = clean_output_dir(tmp_path)
+    assert len(notices) == 1 and "removed 1 leftover" in notices[0] and ".trash-checkpoint-1-" in notices[0]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3"]
+    assert clean_output_dir(tmp_path) == []
+
+
+def test_latest_skips_a_checkpoint_without_its_weights(tmp_path):
+    """What an interrupted rmtree (before rotation renamed first) left: a manifest but no weights."""
+    save(tmp_path, 1)
+    (save(tmp_path, 2) / "model.safetensors").unlink()
+    with pytest.warns(CheckpointWarning, match="skipped checkpoint-2: .*model.safetensors is missing"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
 
 
 # A child process saves checkpoint-1, then starts checkpoint-2 (or re-saves checkpoint-1)

@@ -144,7 +144,7 @@ def test_a_new_field_changes_the_reference(monkeypatch):
 
     import minilm.config as config
 
-    @dataclasses.dataclass
+    @dataclasses.dataclass(frozen=True)  # Config is frozen: a subclass must be too
     class Grown(config.Config):
         brand_new_field: int = config._f(3, "training", "A field nobody documented yet.", minimum=0)
 
