@@ -27,8 +27,9 @@ Saved for backward by one block (no checkpointing, SDPA, no dropout)::
 In fp32 with f = 4d that is 64·b·s·d bytes, i.e. 16 numbers per token per layer
 (Korthikanti et al. 2022 count 34·b·s·d in bytes at e = 2, with masks and s² terms).
 Gradient checkpointing keeps only each block's fp32 input (4·b·s·d) and rebuilds one
-block at a time during backward. On CPU under autocast, minilm runs SDPA in fp32
-(:mod:`minilm.attention`), so there q, k, v and the attention output are saved in fp32.
+block at a time during backward. On CPU under autocast, minilm runs SDPA in fp32 at short
+sequences (:func:`minilm.attention.sdpa_in_fp32`), so there q, k, v and the attention output
+are saved in fp32.
 
 The logits: the LM head writes b·s·V logits (e bytes each), cross-entropy upcasts them to
 fp32 and saves fp32 log-probabilities (4·b·s·V). Early in backward two more fp32 b·s·V
@@ -71,6 +72,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from minilm.attention import sdpa_in_fp32
 from minilm.config import Config
 from minilm.counting import count_parameters, decay_split, parameter_shapes
 
@@ -145,10 +147,11 @@ def attention_path(cfg: Config, device_type: str = "cuda") -> str:
     return "math" if (cfg.dropout > 0 and device_type == "cpu") else "fused"
 
 
-def _sdpa_in_fp32(cfg: Config, device_type: str) -> bool:
-    # minilm.attention runs SDPA in fp32 on CPU under autocast (its bf16 CPU kernel is slower),
-    # casting q, k, v up and the output back down.
-    return cfg.attention == "sdpa" and device_type == "cpu" and (cfg.bf16 or cfg.fp16)
+def _sdpa_in_fp32(cfg: Config, device_type: str, seq_len: int) -> bool:
+    # minilm.attention runs SDPA in fp32 on CPU under autocast where its bf16 CPU kernel is slower
+    # (short sequences, small heads: attention.sdpa_in_fp32), casting q, k, v up and the output back down.
+    autocast_cpu = cfg.attention == "sdpa" and device_type == "cpu" and (cfg.bf16 or cfg.fp16)
+    return autocast_cpu and sdpa_in_fp32(seq_len, cfg.d_model // cfg.n_heads, cfg.dropout)
 
 
 def _score_bytes(cfg: Config, device_type: str) -> tuple[int, int]:
@@ -189,7 +192,7 @@ def layer_activations(cfg: Config, batch_size: int, seq_len: int, device_type: s
     bsd = b * s * d
     path = attention_path(cfg, device_type)
     saved_per_score, _ = _score_bytes(cfg, device_type)
-    if path == "fused" and _sdpa_in_fp32(cfg, device_type):
+    if path == "fused" and _sdpa_in_fp32(cfg, device_type, s):
         attention = 3 * 4 * bsd + 4 * bsd + 4 * a * b * s  # fp32 q, k, v and output (the proj gets a copy)
     elif path == "fused":
         attention = 3 * e * bsd + 4 * a * b * s  # q, k, v and the fp32 logsumexp per query
@@ -228,7 +231,7 @@ def block_forward_peak(cfg: Config, batch_size: int, seq_len: int, device_type: 
     saved_so_far = 4 * bsd + 2 * 4 * b * s + e * bsd + layer.attention + (2 * 4 * d * d if autocast else 0)
     temporaries = 4 * bsd if autocast else 0
     path = attention_path(cfg, device_type)
-    if path == "fused" and _sdpa_in_fp32(cfg, device_type):
+    if path == "fused" and _sdpa_in_fp32(cfg, device_type, s):
         temporaries += 3 * e * bsd
     elif path == "manual":
         temporaries += 3 * e * bsd + e * bsd + e * a * b * s * s
