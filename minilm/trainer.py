@@ -424,8 +424,8 @@ class Trainer:
             sync = nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
             with sync:
                 with self.autocast:
-                    # Keep only the loss: holding the (B, T, V) logits through backward costs B·T·V·e bytes.
-                    loss = self.model(x, y)[1]
+                    # The loss alone (minilm.loss): the (B, T, V) logits are never built.
+                    loss = self.model(x, y, return_logits=False)[1]
                 self.scaler.scale(loss / k).backward()
             total += loss.detach().float()
         return total / k
@@ -450,7 +450,7 @@ class Trainer:
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for x, y in self.val_batches:
             with self.autocast:
-                _, loss = self.raw_model(x.to(self.device), y.to(self.device))
+                _, loss = self.raw_model(x.to(self.device), y.to(self.device), return_logits=False)
             total += loss.double()
         self.raw_model.train(was_training)
         dist_utils.all_reduce_sum(total, self.dist)
