@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
 from minilm.checkpoint import CheckpointError
+from minilm.compile_policy import compile_decision
 from minilm.config import Config
 from minilm.counting import parameter_table
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
@@ -344,6 +345,8 @@ class Trainer:
         self.autocast, self.scaler, self.precision_name = precision(cfg, self.device, cpu_bf16)
         self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
         self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device, cpu_bf16))
+        # On a CPU a long run compiles even when the config does not ask (minilm.compile_policy).
+        self.compile, self.compile_reason = compile_decision(cfg, self.device, self.flops_per_token)
         self._print_header()
         self.optimizer = make_optimizer(self.raw_model, cfg, self.device, verbose=self.verbose)
         self.step = 0  # optimizer steps taken
@@ -360,7 +363,7 @@ class Trainer:
             self._resume(Path(resume_from_checkpoint))
 
         self.model: nn.Module = self.raw_model
-        if cfg.compile:
+        if self.compile:
             self.model = torch.compile(self.model)  # state dicts still come from raw_model: no _orig_mod.
         self.model = dist_utils.wrap(self.model, self.dist, self.device)
 
@@ -751,7 +754,7 @@ class Trainer:
         print(
             f"device {self.device}{world}, {self.precision_name}"
             + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-            + (", torch.compile" if cfg.compile else "")
+            + (f", {self.compile_reason}" if self.compile else "")
         )
         print(
             f"data: {cfg.dataset}, {self.tokenizer.kind} tokenizer with {self.tokenizer.vocab_size} ids, "
