@@ -489,6 +489,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     return results
 
 
+def _argv_without_paths(argv: list[str]) -> list[str]:
+    """The command's options without --nanogpt PATH and --save [FOLDER] (local paths)."""
+    out, skip = [], False
+    for a in argv:
+        if skip and not a.startswith("--"):
+            skip = False
+            continue
+        skip = a in ("--nanogpt", "--save")
+        if not skip and not a.startswith(("--nanogpt=", "--save=")):
+            out.append(a)
+    return out
+
+
 def save_record(results: dict, args: argparse.Namespace, peak: dict[str, float]) -> Path:
     """Write the run as JSON beside make_table.py's records, named after the machine as they are."""
     import json
@@ -499,8 +512,7 @@ def save_record(results: dict, args: argparse.Namespace, peak: dict[str, float])
     info["cpu_kind"] = cpu_kind()
     record = {
         "machine": info,
-        "command": "python benchmarks/train_throughput.py "
-        + " ".join(a for a in sys.argv[1:] if not a.startswith("--save") and not a.endswith("model.py")),
+        "command": "python benchmarks/train_throughput.py " + " ".join(_argv_without_paths(sys.argv[1:])),
         "timer": args.timer,
         "threads": args.threads,
         "matmul_peak_flops": peak,
