@@ -598,12 +598,82 @@ def render_measured(record: dict) -> str:
     return "\n".join(lines)
 
 
-def render(results: list[dict] | None = None) -> str:
+def load_throughput(folder: Path = RESULTS / "throughput") -> list[dict]:
+    """Saved ``benchmarks/train_throughput.py --save`` records, by machine and timer."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+
+
+def render_throughput(record: dict) -> str:
+    """One train_throughput.py record: tokens/s per library and precision, the ratios, the profiles."""
+    m = record["machine"]
+    timer = (
+        "one thread, timed by the process's CPU time (what other programs on a shared machine disturb least)"
+        if record["timer"] == "cpu"
+        else f"{record['threads']} threads, timed by the wall clock"
+    )
+    lines = [
+        f"### Training step against nanoGPT and Hugging Face: {m.get('cpu_kind', m['cpu'])}",
+        "",
+        f"torch {m['torch']}, {m['date']}, {timer}. The same training step (forward, loss, backward, fused "
+        "AdamW, zero_grad) for each library at identical shapes and weights, runs alternating round by round; "
+        "tokens/s from the median step. minilm's default on this CPU is "
+        + ("bf16 autocast with its chunked loss." if m.get("cpu_native_bf16") else "fp32 (no native bf16).")
+        + " nanoGPT's and Hugging Face's default on a CPU is fp32. *minilm before* is minilm's bf16 step "
+        "without issue 17's levers (full logits through `F.cross_entropy`, attention kernel always fp32).",
+        "",
+        "<!-- slow: a CPU benchmark, several minutes -->",
+        "```bash",
+        record["command"] + " --nanogpt path/to/nanoGPT/model.py --save",
+        "```",
+        "",
+    ]
+    for name, r in record["results"].items():
+        runs = r["rows"]
+        lines += [f"**{name}** (batch {r['batch']} × seq {r['seq']}):", ""]
+        # (no MFU column: a one-thread matmul peak timed by CPU time came out below what the model's
+        # own matmuls reached, so a share of it would mislead; the script prints it for reference)
+        lines += _table(
+            ["run", "tokens/s", "ms per step"],
+            [[k, f"{v['tps']:,.0f}", f"{v['median_ms']:,.0f}"] for k, v in runs.items()],
+            "lrr",
+        )
+        lines.append("")
+        lines += _table(
+            ["ratio of tokens/s", "median steps", "best steps"],
+            [[k, f"{v:.2f}×", f"{r['best_ratios'][k]:.2f}×"] for k, v in r["ratios"].items()],
+            "lrr",
+        )
+        lines.append("")
+        if r.get("profiles"):
+            names = list(r["profiles"])
+            lines += [f"Top non-matmul operators at {name} (share of the step's operator time, torch.profiler):", ""]
+            depth = max(len(v) for v in r["profiles"].values())
+            cells = [
+                [
+                    f"{r['profiles'][n][i][0]} {r['profiles'][n][i][2]:.0%}" if i < len(r["profiles"][n]) else ""
+                    for n in names
+                ]
+                for i in range(depth)
+            ]
+            lines += _table(names, cells, "l" * len(names))
+            lines.append("")
+        if "curve_max_diff" in r:
+            lines += [
+                f"bf16 against fp32 over {len(r['curves']['fp32'])} steps from one initialisation: largest loss "
+                f"difference {r['curve_max_diff']:.4f} nats.",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+def render(results: list[dict] | None = None, throughput: list[dict] | None = None) -> str:
     """The whole page."""
     results = load_results() if results is None else results
+    throughput = load_throughput() if throughput is None else throughput
     measured = [render_measured(record) for record in results]
     if not results:
         measured.append("No measurements saved yet: run `python benchmarks/make_table.py`.\n")
+    measured += [render_throughput(record) for record in throughput]
     if not any(r["device"] != "cpu" for r in results):
         measured.append(
             "No GPU measurement is saved yet. On a machine with a CUDA GPU, `python benchmarks/make_table.py` "
@@ -633,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
-        if current != render(load_results(args.results)):
+        if current != render(load_results(args.results), load_throughput(args.results / "throughput")):
             print(f"{args.output} is out of date: run python benchmarks/make_table.py --no-measure", file=sys.stderr)
             return 1
         print(f"{args.output} is up to date")
@@ -645,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"saved {path}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(render(load_results(args.results)))
+    args.output.write_text(render(load_results(args.results), load_throughput(args.results / "throughput")))
     print(f"wrote {args.output}")
     return 0
 

@@ -267,7 +267,11 @@ class CountedFlops:
 
 
 def count_flops(
-    cfg: Config, batch_size: int = 1, seq_len: int | None = None, device: str | torch.device = "meta"
+    cfg: Config,
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    device: str | torch.device = "meta",
+    return_logits: bool = True,
 ) -> CountedFlops:
     """Run one training forward + backward of ``GPT(cfg)`` under ``FlopCounterMode``; return its counts.
 
@@ -275,7 +279,9 @@ def count_flops(
     then runs its decomposed math path, counted as plain matmuls (12·L·s·d, like the
     manual path). On a real device SDPA runs its fused kernel, counted with torch's flash
     formulas (14·L·s·d; :data:`CPU_SDPA_FLOP_FORMULAS` supplies them on CPU). Gradient
-    checkpointing's recomputation is included, as the hardware runs it.
+    checkpointing's recomputation is included, as the hardware runs it. ``return_logits=False``
+    runs the trainer's loss (:mod:`minilm.loss`): the same total, but the LM head's two
+    gradient matmuls (4·V·d per token) run inside the forward call, so they count there.
     """
     s = seq_len or cfg.max_seq_len
     device = torch.device(device)
@@ -285,7 +291,7 @@ def count_flops(
         idx = torch.randint(0, cfg.vocab_size, (batch_size, s))
     model.train()
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOP_FORMULAS) as fwd:
-        loss = model(idx, idx)[1]
+        loss = model(idx, idx, return_logits=return_logits)[1]
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOP_FORMULAS) as bwd:
         loss.backward()
     by_op: dict[str, int] = {}

@@ -70,6 +70,8 @@ VALIDATION_VARIANTS = {
     "untied, no bias, d_ff 96": dict(tie_embeddings=False, bias=False, d_ff=96),
     "fp16 autocast + scaler": dict(fp16=True),
     "one head, batch 1": dict(n_heads=1, batch_size=1),
+    # head size 64 at 256 tokens: the CPU attention kernel runs in bf16 (minilm.attention.sdpa_in_fp32)
+    "bf16 attention kernel (head 64, seq 256)": dict(d_model=128, n_heads=2, max_seq_len=256, bf16=True),
 }
 
 
@@ -171,6 +173,7 @@ def _one_step(
     scaler: torch.amp.GradScaler,
     set_phase: Callable[[str], None],
     keep_logits: bool = False,
+    chunked_loss: bool = False,
 ) -> None:
     """One optimizer step through :mod:`minilm.step`, the trainer's own step, in the precision asked.
 
@@ -180,13 +183,15 @@ def _one_step(
     """
     device = batches[0][0].device
     autocast = autocast_context(device, requested_dtype(cfg))
-    step.accumulate_gradients(model, batches, autocast, scaler, keep_logits=keep_logits, set_phase=set_phase)
+    step.accumulate_gradients(
+        model, batches, autocast, scaler, keep_logits=keep_logits, chunked_loss=chunked_loss, set_phase=set_phase
+    )
     set_phase("optimizer")
     step.clip_gradients(list(model.parameters()), opt, scaler, cfg.grad_clip)
     step.optimizer_step(opt, scaler)
 
 
-def _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits):
+def _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits, chunked_loss=False):
     """Model, optimizer, scaler and batches, after one warm-up step (which creates AdamW's state)."""
     device = torch.device(device)
     b = batch_size or cfg.batch_size
@@ -201,7 +206,7 @@ def _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits):
         tuple(torch.randint(0, cfg.vocab_size, (b, s), generator=gen).to(device) for _ in range(2))
         for _ in range(_micro_steps(cfg))
     ]
-    _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits)
+    _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits, chunked_loss)
     return model, opt, scaler, batches
 
 
@@ -215,6 +220,7 @@ def measure_training_step(
     keep_logits: bool = False,
     seed: int = 0,
     record: bool = False,
+    chunked_loss: bool = False,
 ) -> MeasuredMemory:
     """Build ``GPT(cfg)``, take one warm-up step, then measure the peak of the next step.
 
@@ -222,19 +228,22 @@ def measure_training_step(
     The step runs ``min(cfg.grad_accumulation_steps, 2)`` micro-batches (later ones repeat
     the second). ``optimizer`` is AdamW's implementation ('fused', as minilm's trainer uses;
     'foreach'; 'for-loop'). ``keep_logits=True`` holds the logits in a variable through
-    backward, as ``logits, loss = model(x, y)`` does. ``record=True`` keeps the CPU timeline
+    backward, as ``logits, loss = model(x, y)`` does; ``chunked_loss=True`` computes the loss as
+    the trainer does, ``model(x, y, return_logits=False)`` (:mod:`minilm.loss`). ``record=True`` keeps the CPU timeline
     of (phase, operator, live bytes), to plot memory over the step. CPU uses
     :class:`LiveStorageTracker`; CUDA uses the allocator's counters.
     """
-    model, opt, scaler, batches = _prepared(cfg, batch_size, seq_len, device, optimizer, seed, keep_logits)
+    model, opt, scaler, batches = _prepared(
+        cfg, batch_size, seq_len, device, optimizer, seed, keep_logits, chunked_loss
+    )
     device = torch.device(device)
     if device.type == "cuda":
-        return _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits)
+        return _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits, chunked_loss)
     tracker = LiveStorageTracker(device.type, record=record)
     tracker.track(list(model.parameters()) + list(_optimizer_tensors(opt)) + [t for bt in batches for t in bt])
     start = tracker.current
     with tracker:
-        _one_step(model, opt, batches, cfg, scaler, tracker.set_phase, keep_logits)
+        _one_step(model, opt, batches, cfg, scaler, tracker.set_phase, keep_logits, chunked_loss)
     return MeasuredMemory(
         peak_bytes=tracker.peak,
         phase_peak_bytes={k: v for k, v in tracker.phase_peaks.items() if k != "setup"},
@@ -246,7 +255,7 @@ def measure_training_step(
     )
 
 
-def _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits) -> MeasuredMemory:
+def _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits, chunked_loss=False) -> MeasuredMemory:
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
     phases: dict[str, int] = {}
@@ -262,7 +271,7 @@ def _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits) -> Meas
         current[0] = phase
 
     torch.cuda.reset_peak_memory_stats(device)
-    _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits)
+    _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits, chunked_loss)
     set_phase("done")
     peak_phase = max(phases, key=phases.get)
     return MeasuredMemory(

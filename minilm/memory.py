@@ -27,13 +27,16 @@ Saved for backward by one block (no checkpointing, SDPA, no dropout)::
 In fp32 with f = 4d that is 64·b·s·d bytes, i.e. 16 numbers per token per layer
 (Korthikanti et al. 2022 count 34·b·s·d in bytes at e = 2, with masks and s² terms).
 Gradient checkpointing keeps only each block's fp32 input (4·b·s·d) and rebuilds one
-block at a time during backward. On CPU under autocast, minilm runs SDPA in fp32
-(:mod:`minilm.attention`), so there q, k, v and the attention output are saved in fp32.
+block at a time during backward. On CPU under autocast, minilm runs SDPA in fp32 at short
+sequences (:func:`minilm.attention.sdpa_in_fp32`), so there q, k, v and the attention output
+are saved in fp32.
 
 The logits: the LM head writes b·s·V logits (e bytes each), cross-entropy upcasts them to
 fp32 and saves fp32 log-probabilities (4·b·s·V). Early in backward two more fp32 b·s·V
 tensors exist at once (the gradient of the loss w.r.t. the log-probs, then w.r.t. the
-logits): 12·b·s·V bytes for one moment.
+logits): 12·b·s·V bytes for one moment. The trainer's chunked loss (:mod:`minilm.loss`,
+``chunked_loss=True``) never builds them: it holds the head's gradients (4·V·d + 4·b·s·d)
+from its forward call on, and one chunk's logits at a time (:func:`chunked_loss_bytes`).
 
 **Peak.** Memory rises through the forward pass and falls through backward while
 gradients appear, so the peak is one of a few moments. The estimate adds up what is
@@ -78,6 +81,7 @@ import torch
 from minilm import attention
 from minilm.config import Config
 from minilm.counting import count_parameters, decay_split, parameter_shapes
+from minilm.loss import chunk_rows
 
 GB = 1024**3  # memory sizes are binary: 1 GiB, what nvidia-smi and torch.cuda report
 
@@ -164,8 +168,11 @@ def attention_path(cfg: Config, device_type: str = "cuda") -> str:
     return attention.attention_path(cfg.attention, cfg.dropout, device_type)
 
 
-def _sdpa_in_fp32(cfg: Config, device_type: str) -> bool:
-    return cfg.attention == "sdpa" and attention.sdpa_runs_in_fp32(device_type, autocast=cfg.precision != "fp32")
+def _sdpa_in_fp32(cfg: Config, device_type: str, seq_len: int) -> bool:
+    # minilm.attention runs SDPA in fp32 on CPU under autocast where its bf16 CPU kernel is slower
+    # (short sequences, small heads: attention.sdpa_in_fp32), casting q, k, v up and the output back down.
+    autocast_cpu = cfg.attention == "sdpa" and device_type == "cpu" and cfg.precision != "fp32"
+    return autocast_cpu and attention.sdpa_in_fp32(seq_len, cfg.d_model // cfg.n_heads, cfg.dropout)
 
 
 def _element_bytes(cfg: Config) -> tuple[bool, int]:
@@ -210,7 +217,7 @@ def layer_activations(cfg: Config, batch_size: int, seq_len: int, device_type: s
     bsd = b * s * d
     path = attention_path(cfg, device_type)
     saved_per_score, _ = _score_bytes(cfg, device_type)
-    if path == "fused" and _sdpa_in_fp32(cfg, device_type):
+    if path == "fused" and _sdpa_in_fp32(cfg, device_type, s):
         attention = 3 * 4 * bsd + 4 * bsd + 4 * a * b * s  # fp32 q, k, v and output (the proj gets a copy)
     elif path == "fused":
         attention = 3 * e * bsd + 4 * a * b * s  # q, k, v and the fp32 logsumexp per query
@@ -248,7 +255,7 @@ def block_forward_peak(cfg: Config, batch_size: int, seq_len: int, device_type: 
     saved_so_far = 4 * bsd + 2 * 4 * b * s + e * bsd + layer.attention + (2 * 4 * d * d if autocast else 0)
     temporaries = 4 * bsd if autocast else 0
     path = attention_path(cfg, device_type)
-    if path == "fused" and _sdpa_in_fp32(cfg, device_type):
+    if path == "fused" and _sdpa_in_fp32(cfg, device_type, s):
         temporaries += 3 * e * bsd
     elif path == "manual":
         temporaries += 3 * e * bsd + e * bsd + e * a * b * s * s
@@ -281,6 +288,32 @@ def block_backward_extra(cfg: Config, batch_size: int, seq_len: int, device_type
     freed = 2 * e * b * s * f + 2 * e * bsd + 4 * bsd
     attention = extra_per_score * a * b * s * s + 4 * (2 * d * f + d * d) - freed
     return max(mlp, attention)
+
+
+def chunked_loss_bytes(cfg: Config, tokens: int) -> dict[str, int]:
+    """What :func:`minilm.loss.linear_cross_entropy` holds at its busiest, for ``tokens`` positions.
+
+    At a chunk's gradient matmul: the final LayerNorm's output h (fp32, 4·N·d), under autocast
+    its 16-bit head weight (2·V·d); the per-position targets, shares and mask (13·N); the two
+    gradients it returns, d h (4·N·d) and d W (4·V·d, fp32); and one chunk of n positions: its
+    fp32 logits turned probabilities (4·n·V), under autocast their 16-bit copy (2·n·V) and
+    the 16-bit h chunk (2·n·d), three (n, 1) fp32 columns, and the matmul's output (e·n·d for
+    d h; under autocast also e·V·d for d W, whichever is larger).
+    """
+    autocast = cfg.bf16 or cfg.fp16
+    V, d, N = cfg.vocab_size, cfg.d_model, tokens
+    n = min(chunk_rows(V), N)
+    if autocast:
+        chunk = 2 * n * d + 4 * n * V + 2 * n * V + 2 * max(n, V) * d
+    else:
+        chunk = 4 * n * V + 4 * n * d
+    return {
+        "final LayerNorm output": 4 * N * d,
+        "head weight (16-bit copy)": 2 * V * d if autocast else 0,
+        "loss bookkeeping": 13 * N + 4 + 3 * 4 * n + 4,
+        "head gradients (dh, dW)": 4 * N * d + 4 * V * d,
+        "one chunk of logits": chunk,
+    }
 
 
 def optimizer_temporaries(cfg: Config, impl: str = "foreach") -> int:
@@ -329,8 +362,8 @@ class MemoryEstimate:
     layer: LayerActivations  # one block, saved without checkpointing
     saved_activations: int  # all the forward pass leaves for backward, except the log-probs
     recompute: int  # checkpointing: one block's activations rebuilt during backward
-    logits: int  # the fp32 log-probs cross-entropy saves (4·b·s·V)
-    logits_transient: int  # the two extra fp32 b·s·V tensors early in backward
+    logits: int  # the fp32 log-probs cross-entropy saves (4·b·s·V); 0 with the chunked loss
+    logits_transient: int  # the two extra fp32 b·s·V tensors early in backward; chunked loss: all it holds
     moments: dict[str, dict[str, int]] = field(default_factory=dict)  # moment -> component -> bytes
     workspaces: int = 0  # CUDA: cuBLAS workspaces held through the caching allocator (0 on CPU)
 
@@ -402,6 +435,7 @@ def estimate_training_memory(
     device_type: str = "cuda",
     gradient_as_bucket_view: bool = False,
     keep_logits: bool = False,
+    chunked_loss: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of one training step of ``GPT(cfg)`` on one device, as a :class:`MemoryEstimate`.
 
@@ -411,6 +445,8 @@ def estimate_training_memory(
     minilm's trainer uses), 'foreach' (PyTorch's default on GPU) or 'for-loop' (its default
     on CPU). ``keep_logits=True`` counts the logits as held through backward, as a loop
     that writes ``logits, loss = model(x, y)`` does (e·b·s·V bytes more).
+    ``chunked_loss=True`` is the trainer's loss, ``model(x, y, return_logits=False)``
+    (:mod:`minilm.loss`): no (b, s, V) tensor, one chunk of logits at a time.
     ``device_type`` ('cuda' or 'cpu') selects the few kernel differences (dropout mask
     dtype, SDPA's fallback on CPU, softmax precision under autocast). 'mps' (Apple GPUs) is
     accepted and computed like 'cuda', but unvalidated: ``.validated`` is False and the table says so.
@@ -419,6 +455,8 @@ def estimate_training_memory(
         raise ValueError(f"optimizer must be one of {OPTIMIZER_IMPLS}, got {optimizer!r}")
     if device_type not in ("cuda", "cpu", "mps"):
         raise ValueError(f"device_type must be 'cuda', 'cpu' or 'mps', got {device_type!r}")
+    if keep_logits and chunked_loss:
+        raise ValueError("keep_logits=True holds the full logits; chunked_loss=True never builds them: choose one")
     estimated_for = device_type
     # Apple MPS: never measured (no Mac was available), so it borrows CUDA's kernel assumptions and the
     # estimate says it is unvalidated (MemoryEstimate.validated).
@@ -442,6 +480,8 @@ def estimate_training_memory(
     embedding_dropout = (1 if device_type == "cuda" else 4) * bsd if cfg.dropout > 0 else 0
     # After the blocks: ln_f's fp32 input and stats, the head's input, autocast's copy of the head weight.
     final = 4 * bsd + 2 * 4 * b * s + e * bsd + (2 * V * d if autocast else 0)
+    if chunked_loss:  # the chunked loss saves nothing of its own (its gradients are counted apart)
+        final = 4 * bsd + 2 * 4 * b * s
     saved = L * kept_per_layer + embedding_dropout + final
     # Checkpointing rebuilds one block in backward; its input is the kept tensor, not a new one.
     recompute = layer.total - 4 * bsd if cfg.gradient_checkpointing else 0
@@ -465,19 +505,26 @@ def estimate_training_memory(
     # autocast caches its weight casts until the autocast region exits (after the loss): with
     # checkpointing nothing else holds them, but until then every block's copies are alive.
     weight_cache = L * layer.weight_copies if cfg.gradient_checkpointing else 0
-    moments["forward end"] = {
-        **state,
-        "saved activations": saved,
-        "autocast weight cache": weight_cache,
-        # logits (e bytes), their fp32 copy under autocast, and the fp32 log-probs being written
-        "logits": bsV * (e + (4 if autocast else 0) + 4),
-    }
-    moments["loss backward"] = {
-        **state,
-        "saved activations": saved,
-        "logits (log-probs)": log_probs,
-        "logits (backward transients)": ce_transient,
-    }
+    if chunked_loss:
+        loss_parts = chunked_loss_bytes(cfg, b * s)
+        log_probs, ce_transient = 0, sum(loss_parts.values())
+        # Its busiest moment is in the forward call; later moments count dW and dh as gradients.
+        moments["chunked loss"] = {**state, "saved activations": saved, "autocast weight cache": weight_cache}
+        moments["chunked loss"].update(loss_parts)
+    else:
+        moments["forward end"] = {
+            **state,
+            "saved activations": saved,
+            "autocast weight cache": weight_cache,
+            # logits (e bytes), their fp32 copy under autocast, and the fp32 log-probs being written
+            "logits": bsV * (e + (4 if autocast else 0) + 4),
+        }
+        moments["loss backward"] = {
+            **state,
+            "saved activations": saved,
+            "logits (log-probs)": log_probs,
+            "logits (backward transients)": ce_transient,
+        }
     first_grads = 0 if accumulating else head_grad + 4 * pc.final_norm + (L - 1) * per_layer_grads
     block_fwd = block_forward_peak(cfg, b, s, device_type)
     if cfg.gradient_checkpointing:

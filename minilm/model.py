@@ -3,6 +3,7 @@
 >>> from minilm import Config, GPT
 >>> model = GPT(Config(vocab_size=65, d_model=64, n_heads=4, n_layers=2, max_seq_len=128))
 >>> logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
+>>> _, loss = model(idx, targets, return_logits=False)   # training: the loss alone, no (B, T, V) logits
 >>> out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=40)  # see minilm.generation
 """
 
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from minilm.attention import KVCache
 from minilm.blocks import Block
 from minilm.config import Config
+from minilm.loss import linear_cross_entropy
 
 
 class GPT(nn.Module):
@@ -58,13 +60,20 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), mean cross-entropy.
 
         ``cache`` (generation, see :mod:`minilm.generation`): one :class:`KVCache` per block,
         holding the earlier positions' keys and values; idx then holds only the new tokens,
         which sit at positions ``len(cache[0])`` onwards, and the cache grows by T.
+        ``return_logits=False`` (with targets) returns ``(None, loss)``: the loss is computed a
+        chunk of positions at a time (:func:`minilm.loss.linear_cross_entropy`), so the (B, T, V)
+        logits never exist. Same loss and gradients, less memory, faster; the trainer uses it.
         """
         B, T = idx.shape
         past = len(cache[0]) if cache else 0  # positions already in the cache
@@ -78,7 +87,10 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, cache[i] if cache else None)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)  # (B, T, C)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

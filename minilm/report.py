@@ -17,7 +17,7 @@ def run_header(tr: Trainer) -> str:
     device = (
         f"device {tr.device}{world}, {tr.precision_name}"
         + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
-        + (", torch.compile" if cfg.compile else "")
+        + (f", {tr.compile_reason}" if tr.compile else "")
     )
     data = (
         f"data: {cfg.dataset}, {tr.tokenizer.kind} tokenizer with {tr.tokenizer.vocab_size} ids, "
@@ -47,7 +47,7 @@ def run_summary(tr: Trainer, r: TrainResult) -> str:
         speed += f", MFU {r.mfu:.1%} (of {n}the {tr.peak_source})"
     lines.append(f"{speed}; {r.wall_time_s:.1f} s in train()")
     if r.warmup_s and r.step > 1:
-        what = "compiling (torch.compile) and warm-up" if tr.cfg.compile else "warm-up"
+        what = "compiling (torch.compile) and warm-up" if tr.compile else "warm-up"
         lines.append(f"first step: {r.warmup_s:.1f} s of {what}, not counted in tokens/s")
     if r.checkpoint:
         lines.append(f"checkpoint: {r.checkpoint}")

@@ -36,14 +36,17 @@ def accumulate_gradients(
     *,
     no_sync: Callable[[], AbstractContextManager] | None = None,
     keep_logits: bool = False,
+    chunked_loss: bool = False,
     set_phase: Callable[[str], None] = _no_phase,
 ) -> torch.Tensor:
     """Forward and backward over ``micro_batches``; gradients accumulate in ``.grad``.
 
     ``no_sync``: DDP's ``model.no_sync``, entered for every micro-batch but the last, so the
-    gradient all-reduce runs once. ``keep_logits=True`` holds the (B, T, V) logits through
-    backward, as ``logits, loss = model(x, y)`` in a user's loop does (the memory lesson
-    measures the difference). ``set_phase`` is told 'forward' / 'backward' (memory tracing).
+    gradient all-reduce runs once. ``chunked_loss=True`` (the trainer's choice) computes the loss
+    a chunk of positions at a time (:mod:`minilm.loss`), so the (B, T, V) logits never exist;
+    ``keep_logits=True`` holds them through backward, as ``logits, loss = model(x, y)`` in a
+    user's loop does (the memory lesson measures the difference). ``set_phase`` is told
+    'forward' / 'backward' (memory tracing).
     Returns this rank's mean loss over the micro-batches: a detached fp32 scalar on the
     device (reading it is a host synchronisation, left to the caller).
     """
@@ -57,6 +60,8 @@ def accumulate_gradients(
             with autocast:
                 if keep_logits:
                     logits, loss = model(x, y)
+                elif chunked_loss:
+                    loss = model(x, y, return_logits=False)[1]
                 else:  # index the tuple: nothing holds the logits once the loss exists
                     loss = model(x, y)[1]
             set_phase("backward")

@@ -29,6 +29,7 @@ from minilm import distributed as dist_utils
 from minilm import report, runs
 from minilm import step as one_step
 from minilm.checkpoint import CheckpointError
+from minilm.compile_policy import compile_decision
 from minilm.config import SHAPE_FIELDS, Config
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
 from minilm.flops import flops_per_token
@@ -190,7 +191,7 @@ class Trainer:
                 self._resume(Path(resume_from_checkpoint))
 
         self.model: nn.Module = self.raw_model
-        if cfg.compile:
+        if self.compile:
             self.model = torch.compile(self.model)  # state dicts still come from raw_model: no _orig_mod.
         self.model = dist_utils.wrap(self.model, self.dist, self.device)
 
@@ -230,6 +231,8 @@ class Trainer:
         self.autocast, self.scaler, self.precision_name = mixed_precision(cfg, self.device, cpu_bf16)
         self.flops_per_token = flops_per_token(cfg)  # model FLOPs (forward + backward) per trained token
         self.peak_flops, self.peak_source = device_peak_flops(self.device, autocast_dtype(cfg, self.device, cpu_bf16))
+        # On a CPU a long run compiles even when the config does not ask (minilm.compile_policy).
+        self.compile, self.compile_reason = compile_decision(cfg, self.device, self.flops_per_token)
 
     # -- callbacks and control ---------------------------------------------------------
     def add_callback(self, event: str, fn: Callback) -> None:
@@ -287,7 +290,9 @@ class Trainer:
         the last backward all-reduces. Returns this rank's mean loss (a detached device scalar).
         """
         no_sync = dist_utils.no_sync(self.model, self.dist)
-        return one_step.accumulate_gradients(self.model, micro_batches, self.autocast, self.scaler, no_sync=no_sync)
+        return one_step.accumulate_gradients(
+            self.model, micro_batches, self.autocast, self.scaler, no_sync=no_sync, chunked_loss=True
+        )
 
     def clip_gradients(self) -> torch.Tensor:
         """Unscale (fp16 only) and clip the global gradient norm; returns the norm before clipping (device scalar)."""
@@ -306,7 +311,7 @@ class Trainer:
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         for x, y in self.val_batches:
             with self.autocast:
-                _, loss = self.raw_model(x.to(self.device), y.to(self.device))
+                _, loss = self.raw_model(x.to(self.device), y.to(self.device), return_logits=False)
             total += loss.double()
         self.raw_model.train(was_training)
         dist_utils.all_reduce_sum(total, self.dist)

@@ -75,3 +75,26 @@ def test_sdpa_under_cpu_autocast_runs_the_kernel_in_fp32(monkeypatch):
     assert y_fast.dtype == y_manual.dtype == torch.bfloat16
     torch.testing.assert_close(y_fast.float(), y_manual.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y_fast.float(), manual(x), rtol=2e-2, atol=2e-2)  # and near full fp32
+
+
+def test_sdpa_under_cpu_autocast_runs_in_bf16_where_that_is_faster(monkeypatch):
+    """At sequence length x head size² >= the measured threshold the kernel gets the bf16 q, k, v as they are."""
+    from minilm.attention import SDPA_BF16_MIN_T_D2, sdpa_in_fp32
+
+    assert sdpa_in_fp32(128, 64) and not sdpa_in_fp32(256, 64) and not sdpa_in_fp32(1024, 32)
+    assert sdpa_in_fp32(1024, 64, dropout_p=0.1)  # dropout: only the math fallback exists, kept in fp32
+    manual, fast = pair(128, 2)  # head size 64
+    T = SDPA_BF16_MIN_T_D2 // 64**2
+    x = torch.randn(1, T, 128)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast, y_manual = fast(x), manual(x)
+    assert seen == [torch.bfloat16] and y_fast.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fast.float(), y_manual.float(), rtol=3e-2, atol=3e-2)

@@ -69,6 +69,18 @@ def test_manual_attention_matches_flop_counter_exactly(shape, ckpt):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["tied", "no-bias-dff", "untied"])
+def test_chunked_loss_costs_the_same_flops_spent_in_the_forward_call(shape):
+    # The trainer's loss (minilm.loss) computes the head's two gradient matmuls during forward.
+    cfg = cfg_of(shape, attention="manual")
+    counted = count_flops(cfg, batch_size=2, device="cpu", return_logits=False)
+    fb = flop_breakdown(cfg)
+    head_backward = 2 * fb.lm_head  # d h and d W: 4·V·d per token
+    assert counted.forward == (fb.forward + head_backward) * counted.tokens
+    assert counted.backward == (fb.backward - head_backward) * counted.tokens
+    assert counted.total == fb.hardware_total * counted.tokens
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["tied", "no-bias-dff", "untied"])
 def test_sdpa_on_cpu_matches_with_flash_formulas(shape):
     cfg = cfg_of(shape, attention="sdpa")
     counted = count_flops(cfg, batch_size=2, device="cpu")

@@ -17,7 +17,7 @@ LAYERS = {
     "formatting": {"formatting"},
     # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules,
     # and how it generates text (GPT.generate wraps minilm.generation)
-    "model": {"config", "counting", "attention", "blocks", "model", "generation"},
+    "model": {"config", "counting", "attention", "blocks", "loss", "model", "generation"},
     # what a model costs: FLOPs, memory, hardware peaks, the size planner
     "analytics": {"flops", "memory", "hardware", "sizing", "inference", "sharding"},
     # making and running one: data, precision, the step, the loop, checkpoints, measurement, the CLI
@@ -30,6 +30,8 @@ LAYERS = {
         "measure",
         "measure_ranks",
         "sharded_checkpoint",
+        "runs",
+        "compile_policy",
         "checkpoint",
         "distributed",
         "interrupts",

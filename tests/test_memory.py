@@ -39,12 +39,13 @@ def compare(cfg: Config, **kw) -> tuple[float, float, int, int]:
     return err, dynamic, est.peak_bytes, measured.peak_bytes
 
 
+@pytest.mark.parametrize("chunked_loss", [False, True], ids=["full-logits", "chunked-loss"])
 @pytest.mark.parametrize("shape", VALIDATION_SHAPES)
-def test_estimate_within_10_percent_on_the_grid(shape):
+def test_estimate_within_10_percent_on_the_grid(shape, chunked_loss):
     rows, failures = [], []
     for b, s, ckpt, bf16 in VALIDATION_GRID:
         cfg = Config(**VALIDATION_SHAPES[shape], max_seq_len=s, batch_size=b, gradient_checkpointing=ckpt, bf16=bf16)
-        err, dynamic, est, meas = compare(cfg)
+        err, dynamic, est, meas = compare(cfg, chunked_loss=chunked_loss)
         rows.append((b, s, ckpt, bf16, err, dynamic))
         if abs(err) > TOLERANCE:
             failures.append(f"b={b} s={s} ckpt={ckpt} bf16={bf16}: estimated {est:,} measured {meas:,} ({err:+.2%})")
@@ -60,6 +61,34 @@ def test_estimate_within_10_percent_on_variants(variant, optimizer):
     cfg = Config(**{**VARIANT_BASE, **VALIDATION_VARIANTS[variant]})
     err, _, est, meas = compare(cfg, optimizer=optimizer)
     assert abs(err) <= TOLERANCE, f"estimated {est:,} measured {meas:,} ({err:+.2%})"
+
+
+@pytest.mark.parametrize("variant", VALIDATION_VARIANTS)
+def test_chunked_loss_estimate_within_10_percent_on_variants(variant):
+    cfg = Config(**{**VARIANT_BASE, **VALIDATION_VARIANTS[variant]})
+    err, _, est, meas = compare(cfg, chunked_loss=True)
+    assert abs(err) <= TOLERANCE, f"estimated {est:,} measured {meas:,} ({err:+.2%})"
+
+
+def test_chunked_loss_never_holds_the_logits_and_is_counted_exactly(monkeypatch):
+    # vocabulary 4096 at 1024 positions: the full-logits loss peaks at its 12·b·s·V bytes of fp32
+    # tensors; the chunked loss (chunks of 64 positions here) holds one chunk, and the estimate
+    # names each piece it holds.
+    import minilm.loss
+    from minilm.loss import chunk_rows
+
+    monkeypatch.setattr(minilm.loss, "CHUNK_BYTES", 2**20)
+    assert chunk_rows(4096) == 64
+    cfg = Config(vocab_size=4096, d_model=64, n_heads=4, n_layers=2, max_seq_len=256, batch_size=4)
+    full = measure_training_step(cfg)
+    chunked = measure_training_step(cfg, chunked_loss=True)
+    est = estimate_training_memory(cfg, device_type="cpu", chunked_loss=True)
+    assert est.peak_moment == "chunked loss" and chunked.peak_at.startswith("forward")
+    assert abs(est.peak_bytes - chunked.peak_bytes) <= 0.001 * chunked.peak_bytes
+    assert chunked.peak_bytes < full.peak_bytes - 8 * 1024 * 4096  # at least two (b·s, V) fp32 tensors fewer
+    assert est.at_peak()["one chunk of logits"] == 4 * 64 * 4096 + 4 * 64 * 64  # fp32 logits, the d h matmul
+    with pytest.raises(ValueError, match="choose one"):
+        estimate_training_memory(cfg, keep_logits=True, chunked_loss=True)
 
 
 def test_keep_logits_costs_the_logits_through_backward():

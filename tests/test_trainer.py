@@ -129,7 +129,8 @@ def test_bf16_autocast_run(micro, tmp_path):
     # cpu_bf16=True: bf16 autocast even where this CPU would emulate it (it would then pick fp32)
     trainer = run(micro(tmp_path / "bf16", dropout=0.0, bf16=True), cpu_bf16=True)
     seen = []
-    trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    # (the LM head runs inside the chunked loss, minilm.loss, not as a module call: watch the MLP)
+    trainer.raw_model.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.train()
     assert torch.bfloat16 in seen  # the matmuls ran in bf16 ...
     assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # ... the weights stay fp32
@@ -147,7 +148,8 @@ def test_bf16_on_a_cpu_follows_native_support(micro, tmp_path, monkeypatch, nati
     monkeypatch.setattr(minilm.precision, "cpu_supports_bf16", lambda: native)
     trainer = run(micro(tmp_path, bf16=True, max_steps=1, warmup_steps=1))
     seen = []
-    trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    # (the LM head runs inside the chunked loss, minilm.loss, not as a module call: watch the MLP)
+    trainer.raw_model.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     trainer.train()
     assert set(seen) == ({torch.bfloat16} if native else {torch.float32})
     assert trainer.precision_name == (
@@ -237,7 +239,8 @@ def test_fp16_autocast_with_gradient_scaler(micro, tmp_path, monkeypatch):
     trainer = run(micro(tmp_path, fp16=True, dropout=0.0))
     assert trainer.scaler.is_enabled() and "gradient scaler" in trainer.precision_name
     seen = []
-    trainer.raw_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    # (the LM head runs inside the chunked loss, minilm.loss, not as a module call: watch the MLP)
+    trainer.raw_model.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.train()
     assert torch.float16 in seen and result.status == "completed" and math.isfinite(result.val_loss)
     assert train_losses(result)[8] < train_losses(result)[1]

@@ -1,0 +1,45 @@
+"""Whether ``torch.compile`` pays for itself on a CPU run: its warm-up against the time it saves.
+
+``torch.compile`` fuses the work around the matmuls (LayerNorm, GELU, the residual adds, the
+dtype casts) into generated C++ loops, but first spends a warm-up tracing the model and
+compiling them. On the CPU this toolkit was tuned on (2-core Xeon with AVX512-BF16 and AMX,
+torch 2.13, one thread, the small config at batch 4 x 256 in bf16) a compiled step took 848 ms
+against 1,000 ms eager, about 15% less, after a warm-up of 27 s of the process's own CPU time
+plus the C++ compiler's (several minutes of wall time on a busy shared machine).
+
+So a run compiles only when it is long: when its eager time, estimated from the model FLOPs
+of the whole run (``max_steps × tokens_per_step × flops_per_token``) at
+:data:`CPU_TRAINING_FLOPS`, times the saving, exceeds the warm-up. The lesson-sized ``tiny``
+run (600 steps, about a minute of work) stays eager; the ``small`` config's 10,000 steps compile.
+``compile: true`` in a config always compiles. GPUs are left to the config (``compile``).
+
+    >>> compile_decision(cfg, torch.device("cpu"), flops_per_token(cfg))
+    (False, 'eager: ~69 s of training would save ~10 s, less than the ~120 s compile warm-up')
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minilm.config import Config
+
+COMPILE_SAVING = 0.15  # fraction of an eager CPU step that compiling saved (measured, see above)
+COMPILE_WARMUP_S = 120.0  # seconds of warm-up to repay: the measured 27 s of CPU time, with margin for the compiler
+CPU_TRAINING_FLOPS = 0.2e12  # model FLOP/s an eager CPU training step reached here (small, bf16, 1 thread)
+
+
+def compile_decision(cfg: Config, device: torch.device, flops_per_token: float) -> tuple[bool, str]:
+    """(compile or not, the reason in a few words, for the run header)."""
+    if cfg.compile:
+        return True, "torch.compile (compile: true in the config)"
+    if device.type != "cpu":
+        return False, "compile: false in the config"
+    eager_s = cfg.max_steps * cfg.tokens_per_step * flops_per_token / CPU_TRAINING_FLOPS
+    saved_s = COMPILE_SAVING * eager_s
+    pays = saved_s > COMPILE_WARMUP_S
+    verdict = "more" if pays else "less"
+    way = "torch.compile" if pays else "eager"
+    return pays, (
+        f"{way}: ~{eager_s:,.0f} s of training would save ~{saved_s:,.0f} s, "
+        f"{verdict} than the ~{COMPILE_WARMUP_S:.0f} s compile warm-up"
+    )
