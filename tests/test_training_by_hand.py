@@ -49,17 +49,21 @@ def train_by_hand(cfg, cache_dir, steps):
 
 
 @pytest.mark.parametrize("changes", [{}, {"dropout": 0.1}], ids=["no dropout", "dropout"])
-def test_hand_written_loop_equals_trainer_bit_for_bit(micro_config, tmp_path, changes):
+def test_hand_written_loop_equals_trainer(micro_config, tmp_path, changes):
+    """Equal to float rounding: the Trainer computes the same cross-entropy a chunk of positions at a
+    time (minilm.loss), summing in another order, so its losses differ in the 7th digit, not more."""
     cfg = micro_config(tmp_path / "run", max_steps=12, warmup_steps=4, eval_steps=12, save_steps=12, **changes)
     assert all(learning_rate(s, cfg) == lr_at(s, cfg) for s in range(cfg.max_steps))
     by_hand, model = train_by_hand(cfg, tmp_path / "cache", cfg.max_steps)
     trainer = Trainer(cfg, cache_dir=tmp_path / "cache", progress=False, verbose=False, sample_tokens=0)
     result = trainer.train()
     records = [r for r in result.history if r["kind"] == "train"]
-    assert [loss for loss, _ in by_hand] == [r["loss"] for r in records]
-    assert [norm for _, norm in by_hand] == [r["grad_norm"] for r in records]
+    assert [loss for loss, _ in by_hand] == pytest.approx([r["loss"] for r in records], rel=1e-5)
+    assert [norm for _, norm in by_hand] == pytest.approx([r["grad_norm"] for r in records], rel=1e-4)
     for (name, p), q in zip(model.named_parameters(), trainer.raw_model.parameters(), strict=True):
-        assert torch.equal(p, q), name
+        # Adam divides by the gradient's own size, so a bias whose gradient is ~0 can turn a rounding
+        # difference into a step of up to the learning rate: weights agree to a fraction of one step.
+        torch.testing.assert_close(p, q, rtol=0, atol=cfg.learning_rate, msg=name)
     assert by_hand[-1][0] < by_hand[0][0] - 0.3  # and it learns
 
 
