@@ -119,9 +119,5 @@ def test_readme_and_teaching_guide_have_a_current_badge_per_lesson():
             assert colab.badge_markdown(nb.name) in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the lead runs scripts/add_setup_cell.py on the notebooks at the end of issue 16; then delete this mark",
-)
 def test_every_lesson_starts_with_the_current_setup_cell():
     assert add_setup_cell.main(["--no-docs", "--check"]) == 0
