@@ -6,13 +6,14 @@ from minilm.config import Config, ConfigError, ParameterEstimateWarning, load_co
 
 if TYPE_CHECKING:
     from minilm.model import GPT
-    from minilm.trainer import Trainer, TrainResult
+    from minilm.report import TrainResult
+    from minilm.trainer import Trainer
 
 __all__ = ["GPT", "Config", "ConfigError", "ParameterEstimateWarning", "TrainResult", "Trainer", "load_config"]
 __version__ = "0.1.0"
 
 # The model and the trainer import torch (seconds); `import minilm.config` should not pay for them.
-_LAZY = {"GPT": "minilm.model", "Trainer": "minilm.trainer", "TrainResult": "minilm.trainer"}
+_LAZY = {"GPT": "minilm.model", "Trainer": "minilm.trainer", "TrainResult": "minilm.report"}
 
 
 def __getattr__(name: str):

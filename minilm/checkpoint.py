@@ -56,7 +56,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from minilm.config import Config, ConfigError, config_from_dict, parse_json_object
+from minilm.config import SHAPE_FIELDS, Config, ConfigError, config_from_dict, parse_json_object
 
 MODEL_FILE = "model.safetensors"
 LEGACY_MODEL_FILE = "model.pt"  # checkpoints written before safetensors: still loaded (weights_only=True)
@@ -666,3 +666,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if ckpt.tokenizer_dir is None:
         raise CheckpointError(f"{path}: has no {TOKENIZER_DIR}/ folder, so its token ids cannot be decoded")
     return model, load_tokenizer(ckpt.tokenizer_dir), ckpt.config
+
+
+def check_resumable(ck: Checkpoint, cfg: Config, tokenizer_fingerprint: str) -> list[str]:
+    """Raise :class:`CheckpointError` unless ``ck`` can continue under ``cfg``; return the fields that changed.
+
+    The network's shape and token ids (:data:`minilm.config.SHAPE_FIELDS`) must agree, and so
+    must the tokenizer built for the dataset; schedule and system fields may change.
+    """
+    mismatched = [f for f in SHAPE_FIELDS if getattr(ck.config, f) != getattr(cfg, f)]
+    if mismatched:
+        details = ", ".join(
+            f"{f}: checkpoint {getattr(ck.config, f)!r} vs config {getattr(cfg, f)!r}" for f in mismatched
+        )
+        raise CheckpointError(f"{ck.path}: does not fit this config ({details})")
+    if ck.training_state.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+        raise CheckpointError(f"{ck.path}: its tokenizer differs from the one built for dataset '{cfg.dataset}'")
+    return [f for f in cfg.to_dict() if getattr(ck.config, f) != getattr(cfg, f)]

@@ -110,6 +110,16 @@ def parse_answer(answer: Any) -> float:
 # ---------------------------------------------------------------------------------------
 
 
+def read_answer(answer: Any, advice: str = "") -> float | Feedback:
+    """The number a student typed, or the :class:`Feedback` to show when there is none to read."""
+    if _is_empty(answer):
+        return Feedback(False, False, NOT_ANSWERED)
+    try:
+        return parse_answer(answer)
+    except ValueError as e:
+        return Feedback(False, True, f"❌ Could not read your answer as a number ({e}). {advice}".strip())
+
+
 @dataclass(frozen=True)
 class Mistake:
     """A wrong answer students often give, and the hint that points at it (without the answer)."""
@@ -137,12 +147,9 @@ class Exercise:
 
     def check(self, answer: Any) -> Feedback:
         """Right or wrong, with a hint that never contains the expected value."""
-        if _is_empty(answer):
-            return Feedback(False, False, NOT_ANSWERED)
-        try:
-            value = parse_answer(answer)
-        except ValueError as e:
-            return Feedback(False, True, f"❌ Could not read your answer as a number ({e}). Give a whole number.")
+        value = read_answer(answer, "Give a whole number.")
+        if isinstance(value, Feedback):
+            return value
         expected = self._answer
         if value == expected:
             return Feedback(True, True, f"✅ Correct: {self.title}.")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minilm.colab import setup_cell_source
 from minilm.config import Config
 
 SECRET_ENV = "MINILM_GRADING_SECRET"
@@ -475,9 +476,10 @@ def _code_cells(nb) -> list[str]:
     from IPython.core.inputtransformer2 import TransformerManager  # %magics and !shell become Python
 
     tm = TransformerManager()
+    setup = setup_cell_source()  # the lessons' Colab cell (importlib, sys): skipped only while unchanged
     out = []
     for cell in nb.cells:
-        if cell.cell_type == "code":
+        if cell.cell_type == "code" and cell.source != setup:
             try:
                 out.append(tm.transform_cell(cell.source))
             except Exception:  # a cell IPython cannot read fails when it runs, too

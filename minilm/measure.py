@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -81,11 +82,15 @@ class LiveStorageTracker(TorchDispatchMode):
     Use as a context manager around the code to measure. Tensors created before the
     context (parameters, optimizer state, the batch) must be registered with
     :meth:`track`, or they are invisible. ``phase`` labels the peak of each part of a step.
+    ``follow_resizes=True`` (sharded training, :mod:`minilm.measure_ranks`) also follows storages
+    that grow or shrink in place, as FSDP2's gathered parameters do (allocated at size 0, then
+    resized), at the cost of a look at every live storage after each operator.
     """
 
-    def __init__(self, device_type: str = "cpu", record: bool = False):
+    def __init__(self, device_type: str = "cpu", record: bool = False, follow_resizes: bool = False):
         super().__init__()
         self.device_type = device_type
+        self.follow_resizes = follow_resizes
         self.timeline: list[tuple[str, str, int]] | None = [] if record else None  # (phase, op, live bytes)
         self.current = 0  # bytes held by live storages now
         self.peak = 0  # the largest value of ``current`` seen after any operator
@@ -106,11 +111,13 @@ class LiveStorageTracker(TorchDispatchMode):
         self.phase_peaks.setdefault(phase, self.current)
 
     def _add(self, t: torch.Tensor) -> None:
+        if isinstance(t, DTensor):  # a sharded parameter (FSDP2): this process holds its local shard
+            t = t._local_tensor
         if t.device.type != self.device_type or t.is_meta:
             return
         st = t.untyped_storage()
         key = st._cdata  # address of the C++ StorageImpl: unique while the storage lives
-        if key in self._live or st.nbytes() == 0:
+        if key in self._live or (st.nbytes() == 0 and not self.follow_resizes):
             return
 
         def _freed(_ref: weakref.ref, key: int = key) -> None:
@@ -122,6 +129,12 @@ class LiveStorageTracker(TorchDispatchMode):
         self.current += st.nbytes()
 
     def _sample(self, label: str) -> None:
+        if self.follow_resizes:
+            for key, (ref, nbytes) in list(self._live.items()):
+                st = ref()
+                if st is not None and st.nbytes() != nbytes:
+                    self._live[key] = (ref, st.nbytes())
+                    self.current += st.nbytes() - nbytes
         if self.timeline is not None:
             self.timeline.append((self.phase, label, self.current))
         if self.current > self.peak:

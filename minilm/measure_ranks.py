@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import queue as queue_module
 import tempfile
-import weakref
 from contextlib import nullcontext
 
 import torch
@@ -44,38 +43,6 @@ from minilm.optim import make_optimizer
 MEASURED_STRATEGIES = ("ddp", "zero2", "zero3")  # ZeRO-1 is not something minilm's trainer runs
 
 
-class ShardAwareTracker(LiveStorageTracker):
-    """:class:`LiveStorageTracker` that follows storages resized in place and looks inside DTensors."""
-
-    def _add(self, t: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(t, DTensor):
-            t = t._local_tensor
-        if t.device.type != self.device_type or t.is_meta:
-            return
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self._live:
-            return
-
-        def _freed(_ref: weakref.ref, key: int = key) -> None:
-            _, nbytes = self._live.pop(key)
-            self.current -= nbytes
-
-        # Registered even when empty: FSDP2 allocates a gathered parameter's storage at size 0.
-        self._live[key] = (weakref.ref(st, _freed), st.nbytes())
-        self.current += st.nbytes()
-
-    def _sample(self, label: str) -> None:
-        for key, (ref, nbytes) in list(self._live.items()):
-            st = ref()
-            if st is not None and st.nbytes() != nbytes:
-                self._live[key] = (ref, st.nbytes())
-                self.current += st.nbytes() - nbytes
-        super()._sample(label)
-
-
 def _wrap(model: GPT, cfg: Config, strategy: str) -> torch.nn.Module:
     from minilm.distributed import apply_fsdp
 
@@ -88,7 +55,7 @@ def _wrap(model: GPT, cfg: Config, strategy: str) -> torch.nn.Module:
 
 def _rank_peak(cfg: Config, strategy: str, rank: int, seed: int, optimizer: str) -> int:
     """This rank's peak bytes during its second training step under ``strategy``."""
-    tracker = ShardAwareTracker("cpu")
+    tracker = LiveStorageTracker("cpu", follow_resizes=True)
     with tracker:
         torch.manual_seed(seed)  # the same initial weights on every rank
         model = _wrap(GPT(cfg), cfg, strategy)

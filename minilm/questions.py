@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minilm.config import Config, load_config
+from minilm.config import Config, ConfigError, load_config
 from minilm.counting import count_parameters
-from minilm.exercises import NOT_ANSWERED, Feedback, _is_empty, parse_answer
+from minilm.exercises import Feedback, read_answer
 from minilm.memory import GB, estimate_training_memory
 
 
@@ -47,12 +47,9 @@ class Question:
 
     def check(self, answer: Any) -> Feedback:
         """Right (within the tolerance) or wrong, with a hint that never contains the expected value."""
-        if _is_empty(answer):
-            return Feedback(False, False, NOT_ANSWERED)
-        try:
-            value = parse_answer(answer)
-        except ValueError as e:
-            return Feedback(False, True, f"❌ Could not read your answer as a number ({e}).")
+        value = read_answer(answer)
+        if isinstance(value, Feedback):
+            return value
         if abs(value - self._answer) <= self.tolerance * (1 + 1e-9):
             return Feedback(True, True, f"✅ Correct: {self.title}. {self.why}".strip())
         direction = "too high" if value > self._answer else "too low"
@@ -96,7 +93,10 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
         d = int(value)
         if d != value or d <= 0 or d % 64:
             return "Give a multiple of 64, the d_model you found in the form."
-        peak = _peak_gib(small.replace(d_model=d))
+        try:
+            peak = _peak_gib(small.replace(d_model=d))
+        except ConfigError as e:  # a width no machine could hold: the config refuses to exist
+            return f"At d_model = {d} there is no model to estimate: {e}"
         side = "above" if peak > budget_gib else "under"
         return f"At d_model = {d} the estimated peak is {peak:.2f} GiB, {side} {budget_gib:g} GiB."
 

@@ -1,13 +1,68 @@
-"""What a training run prints: the header before the first step and the summary after the last."""
+"""What a training run reports: its result, its speed (warm-up apart), the header and the summary it prints."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minilm.counting import parameter_table
 
 if TYPE_CHECKING:
-    from minilm.trainer import Trainer, TrainResult
+    from minilm.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns. Losses are mean cross-entropy in nats per token."""
+
+    status: str  # 'completed', 'interrupted' (signal or request_stop) or 'non_finite'
+    step: int  # optimizer steps taken when the run stopped
+    train_loss: float | None  # last step's training loss
+    val_loss: float | None  # last validation loss
+    val_perplexity: float | None  # exp(val_loss)
+    val_step: int | None  # the step at which val_loss was measured
+    unigram_loss: float | None  # validation loss of "predict by token frequency": the bar to beat
+    tokens_per_s: float  # training tokens per second of step time (all processes), warm-up step excluded
+    mfu: float | None  # model FLOPs utilisation (0-1) against the GPU's peak; None on a CPU
+    wall_time_s: float  # seconds from the start of train() to the end, evaluation and saving included
+    checkpoint: Path | None  # the last checkpoint saved (after a non-finite loss: the last good one)
+    sample: str | None  # text generated at the end
+    message: str = ""  # why the run stopped, in words
+    history: list[dict] = field(default_factory=list)  # every metrics.jsonl record of the run
+    warmup_s: float = 0.0  # seconds of the first step, kept out of tokens_per_s (with compile: compiling)
+
+    @property
+    def losses(self) -> list[float]:
+        """Training loss of every step, in order."""
+        return [r["loss"] for r in self.history if r["kind"] == "train"]
+
+
+@dataclass
+class StepClock:
+    """Step time and tokens, with the first step of a run kept apart: it pays for warm-up
+    (allocations, kernel selection and, with ``compile``, compilation), not for training."""
+
+    start: float  # perf_counter() when train() began
+    warmup_s: float = 0.0
+    steps: int = 0
+    time_s: float = 0.0  # steps after the first
+    tokens: int = 0
+    first_tokens: int = 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        if self.steps == 0:
+            self.warmup_s, self.first_tokens = seconds, tokens
+        else:
+            self.time_s, self.tokens = self.time_s + seconds, self.tokens + tokens
+        self.steps += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Steady-state throughput; a run of one step has only its warm-up step to go by."""
+        if self.time_s > 0:
+            return self.tokens / self.time_s
+        return self.first_tokens / self.warmup_s if self.warmup_s > 0 else 0.0
 
 
 def run_header(tr: Trainer) -> str:

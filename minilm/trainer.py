@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ from tqdm.auto import tqdm
 
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
-from minilm import report, runs
+from minilm import runs
 from minilm import step as one_step
 from minilm.checkpoint import CheckpointError
 from minilm.compile_policy import compile_decision
-from minilm.config import SHAPE_FIELDS, Config
+from minilm.config import Config
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
 from minilm.flops import flops_per_token
 from minilm.flops import mfu as model_flops_utilisation
@@ -40,6 +39,7 @@ from minilm.interrupts import stop_on_signals
 from minilm.model import GPT
 from minilm.optim import default_impl, lr_at, make_optimizer
 from minilm.precision import autocast_dtype, mixed_precision
+from minilm.report import StepClock, TrainResult, run_header, run_summary
 
 NOT_CONVERGING_ADVICE = (
     "The design's advice when training does not converge: halve the learning rate (--learning_rate), "
@@ -49,62 +49,6 @@ NOT_CONVERGING_ADVICE = (
 
 EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_checkpoint", "on_train_end")
 Callback = Callable[["Trainer", dict], None]
-
-
-# ---------------------------------------------------------------------------------------
-# Result
-# ---------------------------------------------------------------------------------------
-@dataclass
-class TrainResult:
-    """What :meth:`Trainer.train` returns. Losses are mean cross-entropy in nats per token."""
-
-    status: str  # 'completed', 'interrupted' (signal or request_stop) or 'non_finite'
-    step: int  # optimizer steps taken when the run stopped
-    train_loss: float | None  # last step's training loss
-    val_loss: float | None  # last validation loss
-    val_perplexity: float | None  # exp(val_loss)
-    val_step: int | None  # the step at which val_loss was measured
-    unigram_loss: float | None  # validation loss of "predict by token frequency": the bar to beat
-    tokens_per_s: float  # training tokens per second of step time (all processes), warm-up step excluded
-    mfu: float | None  # model FLOPs utilisation (0-1) against the GPU's peak; None on a CPU
-    wall_time_s: float  # seconds from the start of train() to the end, evaluation and saving included
-    checkpoint: Path | None  # the last checkpoint saved (after a non-finite loss: the last good one)
-    sample: str | None  # text generated at the end
-    message: str = ""  # why the run stopped, in words
-    history: list[dict] = field(default_factory=list)  # every metrics.jsonl record of the run
-    warmup_s: float = 0.0  # seconds of the first step, kept out of tokens_per_s (with compile: compiling)
-
-    @property
-    def losses(self) -> list[float]:
-        """Training loss of every step, in order."""
-        return [r["loss"] for r in self.history if r["kind"] == "train"]
-
-
-@dataclass
-class _StepClock:
-    """Step time and tokens, with the first step of a run kept apart: it pays for warm-up
-    (allocations, kernel selection and, with ``compile``, compilation), not for training."""
-
-    start: float  # perf_counter() when train() began
-    warmup_s: float = 0.0
-    steps: int = 0
-    time_s: float = 0.0  # steps after the first
-    tokens: int = 0
-    first_tokens: int = 0
-
-    def add(self, seconds: float, tokens: int) -> None:
-        if self.steps == 0:
-            self.warmup_s, self.first_tokens = seconds, tokens
-        else:
-            self.time_s, self.tokens = self.time_s + seconds, self.tokens + tokens
-        self.steps += 1
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Steady-state throughput; a run of one step has only its warm-up step to go by."""
-        if self.time_s > 0:
-            return self.tokens / self.time_s
-        return self.first_tokens / self.warmup_s if self.warmup_s > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,18 +321,10 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ck = ckpt_io.load_checkpoint(path, map_location="cpu")
-        mismatched = [f for f in SHAPE_FIELDS if getattr(ck.config, f) != getattr(self.cfg, f)]
-        if mismatched:
-            details = ", ".join(
-                f"{f}: checkpoint {getattr(ck.config, f)!r} vs config {getattr(self.cfg, f)!r}" for f in mismatched
-            )
-            raise CheckpointError(f"{path}: does not fit this config ({details})")
-        changed = [f for f in self.cfg.to_dict() if getattr(ck.config, f) != getattr(self.cfg, f)]
+        changed = ckpt_io.check_resumable(ck, self.cfg, self.tokenizer.fingerprint)
         if changed:
             self.log(f"note: resuming with fields changed since the checkpoint: {', '.join(changed)}")
         st = ck.training_state
-        if st.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
-            raise CheckpointError(f"{path}: its tokenizer differs from the one built for dataset '{self.cfg.dataset}'")
         dist_utils.load_full_model_state(self.raw_model, ck.model_state)
         self.raw_model.to(self.device)
         # load_state_dict also restores each group's saved hyperparameters; the config's win, so a
@@ -437,7 +373,7 @@ class Trainer:
         change, without saving, so the last checkpoint on disk is the last good one.
         """
         cfg = self.cfg
-        self._clock = _StepClock(time.perf_counter())
+        self._clock = StepClock(time.perf_counter())
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"training steps {self.step} -> {cfg.max_steps}; metrics in {self.metrics_path}")
@@ -594,11 +530,11 @@ class Trainer:
 
     def _print_header(self) -> None:
         if self.verbose:
-            print(report.run_header(self))
+            print(run_header(self))
 
     def _print_summary(self, r: TrainResult) -> None:
         if self.verbose:
-            print(report.run_summary(self, r))
+            print(run_summary(self, r))
 
 
 def train(cfg: Config, **kwargs: Any) -> TrainResult:

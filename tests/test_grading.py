@@ -227,6 +227,18 @@ def test_static_check(cells, flagged):
         assert result["count_parameters"] == "count_parameters: no def in the notebook"
 
 
+def test_the_lessons_colab_cell_is_skipped_only_while_unchanged():
+    """Every lesson starts with the Colab set-up cell (importlib, sys): as written it is not the student's."""
+    from minilm.colab import setup_cell_source
+
+    setup = setup_cell_source()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (setup, OWN)])
+    assert grading.static_check(nb, ["count_parameters"]) == {}
+    tampered = setup + "\nimportlib.import_module('minilm.counting')\n"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (tampered, OWN)])
+    assert "count_parameters" in grading.static_check(nb, ["count_parameters"])
+
+
 def test_static_check_ignores_imports_the_function_does_not_use():
     cells = ["from minilm.grading import check\n", OWN, "check(count_parameters)\n"]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])

@@ -115,7 +115,7 @@ def test_reference_catches_a_post_layernorm_block():
     model = GPT(cfg).eval()
     state = _randomised(model, seed=3)
     block = model.blocks[0]
-    block.forward = lambda x: block.ln_2(x + block.attn(x)) + block.mlp(block.ln_2(x + block.attn(x)))
+    block.forward = lambda x, cache=None: block.ln_2(x + block.attn(x)) + block.mlp(block.ln_2(x + block.attn(x)))
     idx = torch.randint(cfg.vocab_size, (1, 8))
     assert not torch.allclose(model(idx)[0], reference_gpt(state, cfg, idx), atol=1e-3)
 

@@ -398,9 +398,9 @@ def test_keyboard_interrupt_right_after_the_update_saves_that_steps_tokens(micro
 
 def test_tokens_per_s_leaves_out_the_warm_up_step(micro, tmp_path, monkeypatch):
     """The first step (allocations; with compile, compilation) is reported apart, not averaged in."""
-    from minilm.trainer import _StepClock
+    from minilm.report import StepClock
 
-    clock = _StepClock(start=0.0)
+    clock = StepClock(start=0.0)
     clock.add(30.0, 1000)  # a compile-sized first step
     assert clock.tokens_per_s == pytest.approx(1000 / 30.0)  # one step: nothing else to go by
     clock.add(0.5, 1000)
