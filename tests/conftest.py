@@ -48,3 +48,52 @@ def micro_config(micro_corpus):
         return Config(**{**MICRO, "dataset": str(micro_corpus), "output_dir": str(output_dir), **changes})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def two_ranks(tmp_path_factory, micro_config):
+    """``two_ranks(name, script, timeout)``: run ``script`` under torchrun --nproc_per_node=2 (gloo).
+
+    The script gets a micro config's JSON path and an output folder as its arguments; returns
+    (scratch folder, that config, its path, the child environment, output folder, stdout).
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(name: str, script: str, timeout: int = 300):
+        tmp = tmp_path_factory.mktemp(name)
+        cfg = micro_config(
+            tmp / "single",
+            dropout=0.0,
+            batch_size=2,
+            grad_accumulation_steps=2,
+            max_steps=4,
+            warmup_steps=1,
+            eval_steps=2,
+            save_steps=2,
+        )
+        cfg_path = tmp / "micro.json"
+        cfg.save(cfg_path)
+        env = dict(os.environ, MINILM_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        (tmp / f"{name}_check.py").write_text(script)
+        out = tmp / name
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        proc = subprocess.run(
+            [*cmd, str(tmp / f"{name}_check.py"), str(cfg_path), str(out)],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return tmp, cfg, cfg_path, env, out, proc.stdout
+
+    return run

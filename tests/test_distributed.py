@@ -1,9 +1,6 @@
 """DDP on CPU: torchrun --nproc_per_node=2 with gloo equals one process on the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,42 +35,9 @@ sys.exit(main(["--config", config, "--world_size", "2", "--output_dir", f"{out}/
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, micro_config):
-    """A micro config, and an environment for child processes."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    cfg = micro_config(
-        tmp / "single",
-        dropout=0.0,
-        batch_size=2,
-        grad_accumulation_steps=2,
-        max_steps=4,
-        warmup_steps=1,
-        eval_steps=2,
-        save_steps=2,
-    )
-    cfg_path = tmp / "micro.json"
-    cfg.save(cfg_path)
-    env = dict(os.environ, MINILM_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return tmp, cfg, cfg_path, env
-
-
-@pytest.fixture(scope="module")
-def ddp(setup):
-    """Run RANK_SCRIPT under torchrun --nproc_per_node=2 (gloo); returns its output folder and stdout."""
-    tmp, cfg, cfg_path, env = setup
-    script = tmp / "ddp_check.py"
-    script.write_text(RANK_SCRIPT)
-    out = tmp / "ddp"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, str(script), str(cfg_path), str(out)], env=env, cwd=tmp, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+def launched(two_ranks):
+    """RANK_SCRIPT under torchrun --nproc_per_node=2 (gloo), once for this file."""
+    return two_ranks("ddp", RANK_SCRIPT, timeout=300)
 
 
 def test_world_size_is_checked_against_the_launcher(monkeypatch):
@@ -87,9 +51,8 @@ def test_world_size_is_checked_against_the_launcher(monkeypatch):
         check_world_size(Config(world_size=1))
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(setup, ddp, monkeypatch):
-    tmp, cfg, cfg_path, env = setup
-    out, _ = ddp
+def test_two_processes_equal_one_process_on_the_global_batch(launched, monkeypatch):
+    tmp, cfg, cfg_path, env, out, _ = launched
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     # One process, twice the batch: micro-batch m is rank 0's then rank 1's micro-batch m.
@@ -106,9 +69,8 @@ def test_two_processes_equal_one_process_on_the_global_batch(setup, ddp, monkeyp
         torch.testing.assert_close(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_torchrun_cli_run_and_only_rank0_writes(setup, ddp, monkeypatch):
-    tmp, cfg, cfg_path, env = setup
-    out, stdout = ddp
+def test_torchrun_cli_run_and_only_rank0_writes(launched, monkeypatch):
+    tmp, cfg, cfg_path, env, out, stdout = launched
     assert stdout.count("non-embedding") == 1  # the parameter table, printed by rank 0 only
     assert "2 processes" in stdout
     run = out / "run"

@@ -6,9 +6,6 @@ atol 1e-7, the same as DDP's check, and losses to rel 1e-4 over a 4-step run.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,45 +45,13 @@ sys.exit(main(["--config", config, "--world_size", "2", "--parallelism", "fsdp",
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, micro_config):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    cfg = micro_config(
-        tmp / "single",
-        dropout=0.0,
-        batch_size=2,
-        grad_accumulation_steps=2,
-        max_steps=4,
-        warmup_steps=1,
-        eval_steps=2,
-        save_steps=2,
-    )
-    cfg_path = tmp / "micro.json"
-    cfg.save(cfg_path)
-    env = dict(os.environ, MINILM_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return tmp, cfg, cfg_path, env
+def launched(two_ranks):
+    """RANK_SCRIPT under torchrun --nproc_per_node=2 (gloo), once for this file."""
+    return two_ranks("fsdp", RANK_SCRIPT, timeout=400)
 
 
-@pytest.fixture(scope="module")
-def fsdp(setup):
-    tmp, cfg, cfg_path, env = setup
-    script = tmp / "fsdp_check.py"
-    script.write_text(RANK_SCRIPT)
-    out = tmp / "fsdp"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, str(script), str(cfg_path), str(out)], env=env, cwd=tmp, capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, proc.stdout
-
-
-def test_fsdp_gradients_and_loss_equal_one_process_on_the_global_batch(setup, fsdp, monkeypatch):
-    tmp, cfg, cfg_path, env = setup
-    out, _ = fsdp
+def test_fsdp_gradients_and_loss_equal_one_process_on_the_global_batch(launched, monkeypatch):
+    tmp, cfg, cfg_path, env, out, _ = launched
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])
     single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0)
@@ -105,9 +70,8 @@ def test_fsdp_gradients_and_loss_equal_one_process_on_the_global_batch(setup, fs
             torch.testing.assert_close(r["zero2_grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_fsdp_run_follows_the_one_process_curve_and_resumes_on_one_process(setup, fsdp, monkeypatch):
-    tmp, cfg, cfg_path, env = setup
-    out, stdout = fsdp
+def test_fsdp_run_follows_the_one_process_curve_and_resumes_on_one_process(launched, monkeypatch):
+    tmp, cfg, cfg_path, env, out, stdout = launched
     run = out / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train", "train", "eval", "train", "train", "eval"]
