@@ -97,3 +97,31 @@ def two_ranks(tmp_path_factory, micro_config):
         return tmp, cfg, cfg_path, env, out, proc.stdout
 
     return run
+
+
+@pytest.fixture
+def one_process_on_the_global_batch(monkeypatch):
+    """``one_process_on_the_global_batch(launched)``: a :func:`two_ranks` run's saved step beside one process."""
+    return lambda launched: _one_process_on_the_global_batch(launched, monkeypatch)
+
+
+def _one_process_on_the_global_batch(launched, monkeypatch):
+    """The 2-rank run's saved step beside one process on both ranks' data (twice the batch).
+
+    Checks that micro-batch m of the one process is rank 0's then rank 1's micro-batch m (disjoint
+    shares) and that the mean loss agrees; returns (rank 0's record, rank 1's, the one-process
+    trainer with its gradients computed, its loss).
+    """
+    from minilm.trainer import Trainer
+
+    tmp, cfg, cfg_path, env, out, _ = launched
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])
+    single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0)
+    batches = single.next_micro_batches()
+    for m, (x, y) in enumerate(batches):
+        assert torch.equal(x, torch.cat([r0["batches"][m][0], r1["batches"][m][0]]))
+        assert torch.equal(y, torch.cat([r0["batches"][m][1], r1["batches"][m][1]]))
+    loss = single.compute_gradients(batches)
+    torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss)
+    return r0, r1, single, loss

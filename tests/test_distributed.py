@@ -51,19 +51,8 @@ def test_world_size_is_checked_against_the_launcher(monkeypatch):
         check_world_size(Config(world_size=1))
 
 
-def test_two_processes_equal_one_process_on_the_global_batch(launched, monkeypatch):
-    tmp, cfg, cfg_path, env, out, _ = launched
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-
-    # One process, twice the batch: micro-batch m is rank 0's then rank 1's micro-batch m.
-    monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])
-    single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0)
-    batches = single.next_micro_batches()
-    for m, (x, y) in enumerate(batches):
-        assert torch.equal(x, torch.cat([r0["batches"][m][0], r1["batches"][m][0]]))  # disjoint shares
-        assert torch.equal(y, torch.cat([r0["batches"][m][1], r1["batches"][m][1]]))
-    loss = single.compute_gradients(batches)
-    torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss)
+def test_two_processes_equal_one_process_on_the_global_batch(launched, one_process_on_the_global_batch):
+    r0, r1, single, loss = one_process_on_the_global_batch(launched)
     for name, p in single.raw_model.named_parameters():
         assert torch.equal(r0["grads"][name], r1["grads"][name]), name  # DDP left the ranks identical
         torch.testing.assert_close(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -50,17 +50,8 @@ def launched(two_ranks):
     return two_ranks("fsdp", RANK_SCRIPT, timeout=400)
 
 
-def test_fsdp_gradients_and_loss_equal_one_process_on_the_global_batch(launched, monkeypatch):
-    tmp, cfg, cfg_path, env, out, _ = launched
-    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])
-    single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0)
-    batches = single.next_micro_batches()
-    for m, (x, y) in enumerate(batches):  # micro-batch m is rank 0's then rank 1's micro-batch m
-        assert torch.equal(x, torch.cat([r0["batches"][m][0], r1["batches"][m][0]]))
-        assert torch.equal(y, torch.cat([r0["batches"][m][1], r1["batches"][m][1]]))
-    loss = single.compute_gradients(batches)
-    torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss)
+def test_fsdp_gradients_and_loss_equal_one_process_on_the_global_batch(launched, one_process_on_the_global_batch):
+    r0, r1, single, loss = one_process_on_the_global_batch(launched)
     n_total = sum(p.numel() for p in single.raw_model.parameters())
     assert sum(r0["shard"].values()) < n_total  # each rank really held a shard, not the whole gradient
     torch.testing.assert_close((r0["zero2_loss"] + r1["zero2_loss"]) / 2, loss)
