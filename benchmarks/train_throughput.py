@@ -31,8 +31,8 @@ Like with like:
   model and would score one position fewer); nanoGPT: its own forward (the same F.cross_entropy);
   minilm: its trainer's ``model(x, y, return_logits=False)``, the chunked loss of ``minilm.loss``
   (the same mean cross-entropy, without the (B, T, V) logits).
-- Optimizer: torch.optim.AdamW with fused=True for both (PyTorch's fused CPU kernel, ~4x faster
-  than the default per-tensor loop; the trainer should use it too).
+- Optimizer: minilm's own factory (``minilm.optim.make_optimizer``: fused AdamW, weight decay on
+  matrices only) for every library, so the update step is the same work for all of them.
 - Same batch, same sequence length, same thread count; the four runs (2 models x 2 precisions)
   alternate round by round, so a slow moment on a shared machine hits all of them alike.
   Reported: the best (least disturbed) and the median step time of each.
@@ -70,7 +70,10 @@ for folder in (ROOT, ROOT / "benchmarks"):  # run from a checkout without instal
 
 import minilm.attention  # noqa: E402
 from minilm.config import Config, load_config  # noqa: E402
+from minilm.flops import flops_per_token  # noqa: E402
+from minilm.flops import mfu as model_flops_utilisation  # noqa: E402
 from minilm.model import GPT  # noqa: E402
+from minilm.optim import make_optimizer  # noqa: E402
 from minilm.precision import cpu_supports_bf16  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
@@ -92,18 +95,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, clock: 
         a @ b
         best = min(best, clock() - t)
     return 2 * n**3 / best
-
-
-def flops_per_token(cfg: Config) -> tuple[float, str]:
-    """Training FLOPs (forward + backward) per token at sequence length cfg.max_seq_len, and the source."""
-    try:
-        from minilm.flops import flops_per_token as minilm_flops  # the analytics module, when present
-
-        return float(minilm_flops(cfg)), "minilm.flops"
-    except ImportError:
-        d, L, T = cfg.d_model, cfg.n_layers, cfg.max_seq_len
-        n_matmul = L * (4 * d * d + 2 * d * cfg.ff_width) + d * cfg.vocab_size  # blocks + LM head
-        return 6.0 * n_matmul + 12.0 * L * T * d, "6N + 12LTd"
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,16 +189,6 @@ def load_nanogpt(path: str | Path, cfg: Config, ours: GPT) -> torch.nn.Module | 
         state[key] = ours_state[mapped]
     theirs.load_state_dict(state)
     return theirs.train()
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.learning_rate,
-        betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay,
-        fused=True,
-    )
 
 
 def make_step(
@@ -317,7 +298,7 @@ def loss_curves(cfg: Config, model: GPT, steps: int, cache_dir: str | None) -> d
     curves = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         m = copy.deepcopy(model)
-        step = make_step(m, make_optimizer(m, cfg), dtype)
+        step = make_step(m, make_optimizer(m, cfg, verbose=False), dtype)
         curves[name] = [step(x, y) for x, y in batches]
     return curves
 
@@ -410,25 +391,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             first = {"minilm": loss_of(ours, x, y).item(), "HF GPT-2": loss_of(hf, x, y).item()}
             if theirs is not None:
                 first["nanoGPT"] = loss_of(theirs, x, y).item()
-        fpt, fpt_source = flops_per_token(cfg)
+        fpt = flops_per_token(cfg)
         models = [("minilm", ours), ("HF GPT-2", hf)] + ([("nanoGPT", theirs)] if theirs is not None else [])
         # Separate optimizers per run; the fp32 and bf16 runs of one model share its weights (timing only).
-        runs = [Run(label, "fp32", make_step(m, make_optimizer(m, cfg), None)) for label, m in models]
+        runs = [Run(label, "fp32", make_step(m, make_optimizer(m, cfg, verbose=False), None)) for label, m in models]
         if native:
-            runs += [Run(label, "bf16", make_step(m, make_optimizer(m, cfg), torch.bfloat16)) for label, m in models]
-            runs.append(Run("minilm before", "bf16", make_step(ours, make_optimizer(ours, cfg), torch.bfloat16, True)))
+            runs += [
+                Run(label, "bf16", make_step(m, make_optimizer(m, cfg, verbose=False), torch.bfloat16))
+                for label, m in models
+            ]
+            runs.append(
+                Run(
+                    "minilm before",
+                    "bf16",
+                    make_step(ours, make_optimizer(ours, cfg, verbose=False), torch.bfloat16, True),
+                )
+            )
         time_runs(runs, x, y, args.rounds, args.steps, args.warmup, clock)
 
         print(
             f"\n== {name}: {sum(p.numel() for p in ours.parameters()):,} parameters, batch {B} x seq {T} "
-            f"= {B * T} tokens/step, {fpt / 1e6:.1f} MFLOP/token ({fpt_source})"
+            f"= {B * T} tokens/step, {fpt / 1e6:.1f} MFLOP/token (minilm.flops)"
         )
         print("   same weights, first loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
         print(f"   {'model':<14} {'prec':<5} {'ms/step best':>12} {'median':>8} {'tokens/s':>9} {'MFU':>6}")
         rows = {}
         for r in runs:
             tps = B * T / r.median
-            mfu = fpt * tps / peak[r.precision]
+            mfu = model_flops_utilisation(tps, cfg, peak[r.precision], n_devices=1)
             rows[f"{r.model} {r.precision}"] = {"ms": r.best * 1e3, "median_ms": r.median * 1e3, "tps": tps, "mfu": mfu}
             print(f"   {r.model:<14} {r.precision:<5} {r.best * 1e3:12.1f} {r.median * 1e3:8.1f} {tps:9.0f} {mfu:6.1%}")
         by = {(r.model, r.precision): r for r in runs}

@@ -1,7 +1,5 @@
 """Exercise checkers: right answers pass, near misses get a hint without the answer, variants per student."""
 
-import importlib.util
-
 import pytest
 
 from minilm import exercises as E
@@ -143,10 +141,6 @@ def test_unknown_kind():
         E.count_exercise("flops", Config())
 
 
-needs_memory = pytest.mark.skipif(importlib.util.find_spec("minilm.memory") is None, reason="minilm.memory missing")
-
-
-@needs_memory
 @pytest.mark.parametrize("sid", STUDENTS)
 def test_memory_exercises_accept_the_estimate_and_hide_it(sid):
     from minilm.memory import estimate_training_memory
@@ -163,7 +157,6 @@ def test_memory_exercises_accept_the_estimate_and_hide_it(sid):
             assert_no_answer_in(fb.message, n)
 
 
-@needs_memory
 def test_memory_mistakes_get_their_hint():
     cfg = Config(vocab_size=16000, d_model=512, n_heads=8, n_layers=8, batch_size=8, bf16=True)
     n = count_parameters(cfg).total
