@@ -154,17 +154,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
     np.random.set_state(np_state)  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        target = _cuda_device(device)
-        cuda_state = state["cuda"]
-        if isinstance(cuda_state, (list, tuple)):
-            # Checkpoints written before held every GPU's state: take this device's entry, which is
-            # what they restored then (exact for a single process; under DDP rank r > 0 gets cuda:r's
-            # untouched state as before). A GPU the saving machine did not have gets none.
-            index = target.index if target.index is not None else torch.cuda.current_device()
-            if index >= len(cuda_state):
-                return
-            cuda_state = cuda_state[index]
-        torch.cuda.set_rng_state(cuda_state, target)
+        torch.cuda.set_rng_state(state["cuda"], _cuda_device(device))
 
 
 # ---------------------------------------------------------------------------------------

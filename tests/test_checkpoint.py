@@ -406,10 +406,6 @@ def test_cuda_rng_state_is_this_devices_own(monkeypatch):
     assert calls == [("get", torch.device("cuda", 1))] and state["cuda"].tolist() == [7]
     set_rng_state(state, torch.device("cuda", 3))  # rank 2 of the resumed run puts it on its own GPU
     assert calls[-1] == ("set", torch.device("cuda", 3), [7])
-    # Checkpoints written before held a list, every GPU's state: each device takes its own entry.
-    legacy = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}
-    set_rng_state(legacy, torch.device("cuda", 2))
-    assert calls[-1] == ("set", torch.device("cuda", 2), [2])
 
 
 def test_checkpoint_moved_aside_by_a_killed_resave_is_put_back(tmp_path):
