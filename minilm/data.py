@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from minilm.files import write_atomic
 from minilm.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ def prepare_data(cfg: Config, cache_dir: str | Path | None = None) -> PreparedDa
         lengths = {}
         for split, split_text_ in (("train", train_text), ("val", val_text)):
             ids = tokenizer.encode_array(split_text_).astype(dtype)
-            _write_atomic(tok_cache / f"{split}.bin", ids.tobytes())
+            write_atomic(tok_cache / f"{split}.bin", ids.tobytes())
             lengths[split] = int(ids.size)
         meta = {
             "dataset": str(cfg.dataset),
@@ -214,7 +215,7 @@ def prepare_data(cfg: Config, cache_dir: str | Path | None = None) -> PreparedDa
             "dtype": dtype.name,
             "tokens": lengths,
         }
-        _write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+        write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     train, val = (
         np.memmap(tok_cache / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["tokens"][split],))
         for split in ("train", "val")
@@ -242,12 +243,6 @@ def _read_cache_meta(meta_path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         warnings.warn(f"{meta_path}: damaged token cache ({e}); rebuilding it", UserWarning, stacklevel=3)
         return None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch
 
 from minilm import checkpoint as ckpt_io
 from minilm.config import Config
+from minilm.files import write_atomic
 
 LOCK_FILE = ".minilm.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -309,14 +310,10 @@ def rewind(output_dir: str | Path, step: int, *, write: bool = True, log: Log = 
         return kept
     folder = _replaced_folder(output_dir, f"after-step-{step}")
     if moved_lines:
-        tmp = folder / f".{METRICS_FILE}.tmp"
-        tmp.write_text("".join(line + "\n" for line in moved_lines), encoding="utf-8")
-        os.replace(tmp, folder / METRICS_FILE)
+        write_atomic(folder / METRICS_FILE, "".join(line + "\n" for line in moved_lines))
     for p in sorted(later, key=lambda q: int(q.name[11:]), reverse=True):
         os.replace(p, folder / p.name)
-    tmp = path.with_name(f".{METRICS_FILE}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept_lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept_lines))
     what = [f"{len(moved_lines)} metrics record(s) after step {step}"] if moved_lines else []
     what += [", ".join(p.name for p in later)] if later else []
     log(f"note: resuming at step {step} replaces a later run: moved its {' and '.join(what)} to {folder}")

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from minilm.files import write_atomic
+
 if TYPE_CHECKING:
     from minilm.config import Config
 
@@ -294,6 +296,4 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 def _write_json(path: Path, obj: dict) -> None:
     """Write then rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")

@@ -13,8 +13,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "minilm"
 
 LAYERS = {
-    # plain helpers every layer may use: how tables and durations are printed
-    "formatting": {"formatting"},
+    # plain helpers every layer may use: how tables and durations are printed, how a file is written whole
+    "formatting": {"formatting", "files"},
     # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules,
     # and how it generates text (GPT.generate wraps minilm.generation)
     "model": {"config", "counting", "attention", "blocks", "loss", "model", "generation"},
