@@ -31,20 +31,21 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 # formula out, which rounds differently in the last bits).
 _ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
-# minilm name -> (Hugging Face name, transpose?) for one block; "{i}" is the layer index.
+# minilm module -> (Hugging Face module, is it a Conv1D?) for one block. Hugging Face's Conv1D
+# stores a Linear's weight transposed; its bias and the LayerNorms map as they are.
+_BLOCK_MODULES = {
+    "ln_1": ("ln_1", False),
+    "attn.qkv": ("attn.c_attn", True),
+    "attn.proj": ("attn.c_proj", True),
+    "ln_2": ("ln_2", False),
+    "mlp.fc": ("mlp.c_fc", True),
+    "mlp.proj": ("mlp.c_proj", True),
+}
+# minilm name -> (Hugging Face name, transpose?) inside block i (`blocks.{i}.` and `h.{i}.`).
 _BLOCK_MAP = {
-    "ln_1.weight": ("ln_1.weight", False),
-    "ln_1.bias": ("ln_1.bias", False),
-    "attn.qkv.weight": ("attn.c_attn.weight", True),
-    "attn.qkv.bias": ("attn.c_attn.bias", False),
-    "attn.proj.weight": ("attn.c_proj.weight", True),
-    "attn.proj.bias": ("attn.c_proj.bias", False),
-    "ln_2.weight": ("ln_2.weight", False),
-    "ln_2.bias": ("ln_2.bias", False),
-    "mlp.fc.weight": ("mlp.c_fc.weight", True),
-    "mlp.fc.bias": ("mlp.c_fc.bias", False),
-    "mlp.proj.weight": ("mlp.c_proj.weight", True),
-    "mlp.proj.bias": ("mlp.c_proj.bias", False),
+    f"{ours}.{p}": (f"{theirs}.{p}", conv1d and p == "weight")
+    for ours, (theirs, conv1d) in _BLOCK_MODULES.items()
+    for p in ("weight", "bias")
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,28 @@ class StepClock:
         if self.time_s > 0:
             return self.tokens / self.time_s
         return self.first_tokens / self.warmup_s if self.warmup_s > 0 else 0.0
+
+
+def train_result(tr: Trainer, status: str, message: str, sample: str | None) -> TrainResult:
+    """The :class:`TrainResult` of a run that stopped now, for ``status`` and ``message``."""
+    last_eval, tokens_per_s = tr.last_eval or {}, tr.clock.tokens_per_s
+    return TrainResult(
+        status=status,
+        step=tr.step,
+        train_loss=tr.last_loss,
+        val_loss=last_eval.get("val_loss"),
+        val_perplexity=last_eval.get("val_perplexity"),
+        val_step=last_eval.get("step"),
+        unigram_loss=tr.unigram_loss,
+        tokens_per_s=tokens_per_s,
+        mfu=tr.mfu(tokens_per_s),
+        wall_time_s=time.perf_counter() - tr.clock.start,
+        checkpoint=tr.last_checkpoint,
+        sample=sample,
+        message=message,
+        history=list(tr.history),
+        warmup_s=tr.clock.warmup_s,
+    )
 
 
 def run_header(tr: Trainer) -> str:

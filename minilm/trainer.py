@@ -2,13 +2,8 @@
 
     >>> from minilm import Trainer, load_config
     >>> result = Trainer(load_config("tiny", overrides={"max_steps": 200})).train()
-    >>> result.val_loss, result.unigram_loss
 
-From a shell: ``python train.py --config configs/training/tiny_model.json`` (see :mod:`minilm.cli`
-and docs/training.md for resume, accumulation, precision and ``torchrun``). Each step sets the
-learning rate (:func:`minilm.optim.lr_at`), accumulates gradients over the micro-batches, stops
-before the weights change if the loss or gradient is not finite, clips, steps AdamW, then logs,
-evaluates every ``eval_steps`` and saves every ``save_steps``.
+The command line, resume, accumulation, precision and ``torchrun``: :mod:`minilm.cli`, docs/training.md.
 """
 
 from __future__ import annotations
@@ -25,9 +20,8 @@ from tqdm.auto import tqdm
 
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
-from minilm import runs
+from minilm import resume, runs
 from minilm import step as one_step
-from minilm.checkpoint import CheckpointError
 from minilm.compile_policy import compile_decision
 from minilm.config import Config
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
@@ -39,7 +33,7 @@ from minilm.interrupts import stop_on_signals
 from minilm.model import GPT
 from minilm.optim import default_impl, lr_at, make_optimizer
 from minilm.precision import autocast_dtype, mixed_precision
-from minilm.report import StepClock, TrainResult, run_header, run_summary
+from minilm.report import StepClock, TrainResult, run_header, run_summary, train_result
 
 NOT_CONVERGING_ADVICE = (
     "The design's advice when training does not converge: halve the learning rate (--learning_rate), "
@@ -112,32 +106,36 @@ class Trainer:
             log=self.log,
         )
         self.callbacks: dict[str, list[Callback]] = {e: [] for e in EVENTS}
-        items = callbacks.items() if isinstance(callbacks, Mapping) else (callbacks or [])
-        for event, fn in items:
+        for event, fn in callbacks.items() if isinstance(callbacks, Mapping) else (callbacks or []):
             self.add_callback(event, fn)
 
         self._setup_data(cache_dir)
         self._setup_model(cpu_bf16)
-        self._print_header()
+        if self.verbose:
+            print(run_header(self))
         self.optimizer = make_optimizer(self.raw_model, cfg, impl=default_impl(self.device), verbose=self.verbose)
-        self.step = 0  # optimizer steps taken
-        self.history: list[dict] = []
-        self.last_checkpoint: Path | None = None
-        self.tokens_seen = 0
-        self._stop_reason: str | None = None
-        self._in_update = False
-        self._saved_step: int | None = None
-        self._stale_steps: set[int] = set()  # after a resume: checkpoints of the replaced run (see _resume)
-        self._boundary: dict[str, Any] = {}
+        self._init_counters()
 
         if resume_from_checkpoint is not None:
             with ckpt_io.resume_errors(resume_from_checkpoint):
-                self._resume(Path(resume_from_checkpoint))
+                resume.resume(self, Path(resume_from_checkpoint))
 
         self.model: nn.Module = self.raw_model
         if self.compile:
             self.model = torch.compile(self.model)  # state dicts still come from raw_model: no _orig_mod.
         self.model = dist_utils.wrap(self.model, self.dist, self.device)
+
+    def _init_counters(self) -> None:
+        """Where the run stands; a resume overwrites these (:func:`minilm.resume.resume`)."""
+        self.step = 0  # optimizer steps taken
+        self.tokens_seen = 0
+        self.history: list[dict] = []  # metrics records, as in metrics.jsonl
+        self.last_checkpoint: Path | None = None
+        self.stale_steps: set[int] = set()  # after a resume: checkpoint steps of the replaced run
+        self._stop_reason: str | None = None
+        self._in_update = False  # inside the weight update: an interrupt there cannot be saved consistently
+        self._saved_step: int | None = None
+        self._boundary: dict[str, Any] = {}  # data position and RNG at the last step boundary
 
     def _setup_data(self, cache_dir: str | Path | None) -> None:
         """Tokenize (rank 0 first, into the cache; the others then read it), the sampler, the eval batches."""
@@ -281,83 +279,17 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------
     def training_state(self) -> dict[str, Any]:
-        """Optimizer, scaler, RNG, sampler position and counters: what a checkpoint needs besides weights."""
-        return {
-            "optimizer": dist_utils.full_optimizer_state(self.raw_model, self.optimizer),
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt_io.rng_state(self.device),
-            "sampler": self.sampler.state_dict(),
-            "tokens_seen": self.tokens_seen,
-            "tokenizer_fingerprint": self.tokenizer.fingerprint,
-        }
-
-    def _data_position(self) -> dict[str, Any]:
-        """The parts of the training state that a half-done step changes: sampler position and RNG."""
-        return {"sampler": self.sampler.state_dict(), "rng": ckpt_io.rng_state(self.device)}
+        """Optimizer, scaler, RNG, sampler position and counters (:func:`minilm.resume.training_state`)."""
+        return resume.training_state(self)
 
     def save_checkpoint(self, state: dict[str, Any] | None = None) -> Path | None:
         """Write ``output_dir/checkpoint-{step}`` (rank 0; other ranks wait) and return its path."""
-        path = None
-        self._stale_steps.discard(self.step)  # written again now: part of this run
-        # FSDP: gathering the whole state is collective, so every rank takes part; rank 0 writes.
-        model_state = dist_utils.full_model_state(self.raw_model)
-        state = state or self.training_state()
-        if self.is_main:
-            path = ckpt_io.save_checkpoint(
-                self.output_dir,
-                self.step,
-                model_state=model_state,
-                training_state=state,
-                config=self.cfg,
-                tokenizer=self.tokenizer,
-                save_total_limit=self.cfg.save_total_limit,
-                stale_steps=self._stale_steps,
-            )
+        path = resume.save(self, state)
+        self._saved_step = self.step
+        if path is not None:
             self.last_checkpoint = path
-            self._saved_step = self.step
             self._fire("on_checkpoint", {"kind": "checkpoint", "step": self.step, "path": str(path)})
-        dist_utils.barrier(self.dist)
         return path
-
-    def _resume(self, path: Path) -> None:
-        ck = ckpt_io.load_checkpoint(path, map_location="cpu")
-        changed = ckpt_io.check_resumable(ck, self.cfg, self.tokenizer.fingerprint)
-        if changed:
-            self.log(f"note: resuming with fields changed since the checkpoint: {', '.join(changed)}")
-        st = ck.training_state
-        dist_utils.load_full_model_state(self.raw_model, ck.model_state)
-        self.raw_model.to(self.device)
-        # load_state_dict also restores each group's saved hyperparameters; the config's win, so a
-        # resume with a new --weight_decay / --beta1 / --beta2 uses them (the learning rate is set every
-        # step). The groups were built from the config just now: keep those values, load the rest.
-        configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in self.optimizer.param_groups]
-        dist_utils.load_full_optimizer_state(self.raw_model, self.optimizer, st["optimizer"])
-        for group, values in zip(self.optimizer.param_groups, configured, strict=True):
-            group.update(values)
-        if self.scaler.is_enabled() and not st["scaler"]:
-            # Not trained in fp16: a disabled scaler saves {}. A fresh scaler is how any fp16 run starts.
-            self.log("note: the checkpoint was not trained in fp16 (no scaler state); starting a fresh gradient scaler")
-        else:
-            self.scaler.load_state_dict(st["scaler"])
-        try:
-            self.sampler.load_state_dict(st["sampler"])
-        except ValueError as e:  # another seed, or a batch size that cannot continue the data stream
-            raise CheckpointError(f"{path}: {e}") from None
-        ckpt_io.set_rng_state(st["rng"], self.device)  # CUDA: onto this rank's own GPU
-        self.step = ck.step
-        self.tokens_seen = int(st["tokens_seen"])
-        self.last_checkpoint = path
-        self.history = self._truncate_metrics(self.step)
-        # Checkpoints past the resume step belong to the run being replaced, like the metrics above:
-        # rotation (save_total_limit) deletes them first, before any of this run's.
-        self._stale_steps = {
-            s for s in map(ckpt_io.checkpoint_step, ckpt_io.list_checkpoints(self.output_dir)) if s > self.step
-        }
-        self.log(f"resumed from {path} at step {self.step}")
-
-    def _truncate_metrics(self, step: int) -> list[dict]:
-        """Keep metrics.jsonl records up to ``step``; later ones (and checkpoints) move to replaced/ (minilm.runs)."""
-        return runs.rewind(self.output_dir, step, write=self.is_main, log=self.log)
 
     def _record(self, rec: dict) -> None:
         self.history.append(rec)
@@ -373,7 +305,7 @@ class Trainer:
         change, without saving, so the last checkpoint on disk is the last good one.
         """
         cfg = self.cfg
-        self._clock = StepClock(time.perf_counter())
+        self.clock = StepClock(time.perf_counter())
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.log(f"training steps {self.step} -> {cfg.max_steps}; metrics in {self.metrics_path}")
@@ -381,10 +313,10 @@ class Trainer:
         restore = self._install_signal_handlers()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         status, message = "completed", f"reached max_steps={cfg.max_steps}"
-        self._last_loss: float | None = None
-        self._last_eval = next((r for r in reversed(self.history) if r["kind"] == "eval"), None)  # after a resume
+        self.last_loss: float | None = None
+        self.last_eval = next((r for r in reversed(self.history) if r["kind"] == "eval"), None)  # after a resume
         self.raw_model.train()
-        self._boundary = self._data_position()
+        self._boundary = resume.data_position(self)
         try:
             while self.step < cfg.max_steps:
                 failure = self._train_step(bar)
@@ -414,7 +346,7 @@ class Trainer:
         grad_norm = self.clip_gradients()  # the same on every rank: gradients are all-reduced
         # The step's one host synchronisation: both numbers in one transfer.
         loss_value, grad_norm_value = torch.stack([loss, grad_norm.float()]).tolist()
-        self._last_loss = loss_value
+        self.last_loss = loss_value
         # Stop before the weights change. (fp16: the scaler itself skips overflowed gradients.)
         bad = "loss" if not math.isfinite(loss_value) else None
         if bad is None and not math.isfinite(grad_norm_value) and not self.scaler.is_enabled():
@@ -429,10 +361,10 @@ class Trainer:
         # just after it saves step N with step N's counters, not step N-1's.
         self.step += 1
         self.tokens_seen += tokens
-        self._boundary = self._data_position()
+        self._boundary = resume.data_position(self)
         self._in_update = False
         dt = time.perf_counter() - t0
-        self._clock.add(dt, tokens)
+        self.clock.add(dt, tokens)
         rec = {
             "kind": "train",
             "step": self.step,
@@ -442,7 +374,7 @@ class Trainer:
             "tokens": self.tokens_seen,
             "tokens_per_s": tokens / dt,
             **({"mfu": self.mfu(tokens / dt)} if self.peak_flops else {}),
-            "time_s": time.perf_counter() - self._clock.start,
+            "time_s": time.perf_counter() - self.clock.start,
         }
         self._record(rec)
         self._fire("on_step_end", rec)
@@ -457,7 +389,7 @@ class Trainer:
         """Evaluate every ``eval_steps`` and checkpoint every ``save_steps`` (and both at the end)."""
         last = self.step == self.cfg.max_steps
         if self.step % self.cfg.eval_steps == 0 or last:
-            self._last_eval = self._eval_and_record()
+            self.last_eval = self._eval_and_record()
         if self.step % self.cfg.save_steps == 0 or last:
             self.save_checkpoint()
 
@@ -486,25 +418,9 @@ class Trainer:
         # The other ranks wait while rank 0 samples, so that none tears down the process group
         # (Trainer.close) while another still works: under load that raced gloo's shutdown.
         dist_utils.barrier(self.dist)
-        last_eval, tokens_per_s = self._last_eval, self._clock.tokens_per_s
-        result = TrainResult(
-            status=status,
-            step=self.step,
-            train_loss=self._last_loss,
-            val_loss=last_eval["val_loss"] if last_eval else None,
-            val_perplexity=last_eval["val_perplexity"] if last_eval else None,
-            val_step=last_eval["step"] if last_eval else None,
-            unigram_loss=self.unigram_loss,
-            tokens_per_s=tokens_per_s,
-            mfu=self.mfu(tokens_per_s),
-            wall_time_s=time.perf_counter() - self._clock.start,
-            checkpoint=self.last_checkpoint,
-            sample=sample,
-            message=message,
-            history=list(self.history),
-            warmup_s=self._clock.warmup_s,
-        )
-        self._print_summary(result)
+        result = train_result(self, status, message, sample)
+        if self.verbose:
+            print(run_summary(self, result))
         self._fire("on_train_end", {"kind": "end", "step": self.step, "status": status, "result": result})
         return result
 
@@ -527,14 +443,6 @@ class Trainer:
         if not self.handle_signals:
             return lambda: None
         return stop_on_signals(self, announce=self.is_main)
-
-    def _print_header(self) -> None:
-        if self.verbose:
-            print(run_header(self))
-
-    def _print_summary(self, r: TrainResult) -> None:
-        if self.verbose:
-            print(run_summary(self, r))
 
 
 def train(cfg: Config, **kwargs: Any) -> TrainResult:

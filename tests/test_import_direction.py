@@ -33,6 +33,7 @@ LAYERS = {
         "runs",
         "compile_policy",
         "checkpoint",
+        "resume",
         "distributed",
         "interrupts",
         "report",

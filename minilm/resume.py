@@ -1,0 +1,106 @@
+"""A training run's checkpoints: what one holds besides the weights, how a Trainer writes it and resumes from it.
+
+The files themselves (safetensors weights, checksums, atomic folders, rotation) are
+:mod:`minilm.checkpoint`'s; this module decides *what* goes in them so that a resumed run
+continues bit for bit: optimizer, gradient scaler, RNG, the sampler's position, counters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minilm import checkpoint as ckpt_io
+from minilm import distributed as dist_utils
+from minilm import runs
+from minilm.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from minilm.trainer import Trainer
+
+
+def training_state(tr: Trainer) -> dict[str, Any]:
+    """Optimizer, scaler, RNG, sampler position and counters: what a checkpoint needs besides weights."""
+    return {
+        "optimizer": dist_utils.full_optimizer_state(tr.raw_model, tr.optimizer),
+        "scaler": tr.scaler.state_dict(),
+        "rng": ckpt_io.rng_state(tr.device),
+        "sampler": tr.sampler.state_dict(),
+        "tokens_seen": tr.tokens_seen,
+        "tokenizer_fingerprint": tr.tokenizer.fingerprint,
+    }
+
+
+def data_position(tr: Trainer) -> dict[str, Any]:
+    """The parts of the training state that a half-done step changes: sampler position and RNG."""
+    return {"sampler": tr.sampler.state_dict(), "rng": ckpt_io.rng_state(tr.device)}
+
+
+def save(tr: Trainer, state: dict[str, Any] | None = None) -> Path | None:
+    """Write ``output_dir/checkpoint-{step}`` (rank 0 writes; every rank takes part) and return its path."""
+    path = None
+    tr.stale_steps.discard(tr.step)  # written again now: part of this run
+    # FSDP: gathering the whole state is collective, so every rank takes part; rank 0 writes.
+    model_state = dist_utils.full_model_state(tr.raw_model)
+    state = state or training_state(tr)
+    if tr.is_main:
+        path = ckpt_io.save_checkpoint(
+            tr.output_dir,
+            tr.step,
+            model_state=model_state,
+            training_state=state,
+            config=tr.cfg,
+            tokenizer=tr.tokenizer,
+            save_total_limit=tr.cfg.save_total_limit,
+            stale_steps=tr.stale_steps,
+        )
+    dist_utils.barrier(tr.dist)
+    return path
+
+
+def resume(tr: Trainer, path: Path) -> None:
+    """Load ``path`` into the trainer's model, optimizer, scaler, sampler, RNG and counters.
+
+    Raises :class:`~minilm.checkpoint.CheckpointError` for a checkpoint that cannot continue
+    this config (another model shape, tokenizer, seed or batch layout).
+    """
+    ck = ckpt_io.load_checkpoint(path, map_location="cpu")
+    changed = ckpt_io.check_resumable(ck, tr.cfg, tr.tokenizer.fingerprint)
+    if changed:
+        tr.log(f"note: resuming with fields changed since the checkpoint: {', '.join(changed)}")
+    st = ck.training_state
+    dist_utils.load_full_model_state(tr.raw_model, ck.model_state)
+    tr.raw_model.to(tr.device)
+    _load_optimizer(tr, st["optimizer"])
+    if tr.scaler.is_enabled() and not st["scaler"]:
+        # Not trained in fp16: a disabled scaler saves {}. A fresh scaler is how any fp16 run starts.
+        tr.log("note: the checkpoint was not trained in fp16 (no scaler state); starting a fresh gradient scaler")
+    else:
+        tr.scaler.load_state_dict(st["scaler"])
+    try:
+        tr.sampler.load_state_dict(st["sampler"])
+    except ValueError as e:  # another seed, or a batch size that cannot continue the data stream
+        raise CheckpointError(f"{path}: {e}") from None
+    ckpt_io.set_rng_state(st["rng"], tr.device)  # CUDA: onto this rank's own GPU
+    tr.step = ck.step
+    tr.tokens_seen = int(st["tokens_seen"])
+    tr.last_checkpoint = path
+    # Metrics past the resume step belong to the run being replaced: they move to replaced/.
+    tr.history = runs.rewind(tr.output_dir, tr.step, write=tr.is_main, log=tr.log)
+    # So do checkpoints past it: rotation (save_total_limit) deletes them first, before any of this run's.
+    later = map(ckpt_io.checkpoint_step, ckpt_io.list_checkpoints(tr.output_dir))
+    tr.stale_steps = {s for s in later if s > tr.step}
+    tr.log(f"resumed from {path} at step {tr.step}")
+
+
+def _load_optimizer(tr: Trainer, state: dict) -> None:
+    """AdamW's moments and step counts; the config's hyperparameters win over the saved ones.
+
+    ``load_state_dict`` also restores each group's saved ``weight_decay`` and ``betas``; a resume
+    with a new ``--weight_decay`` / ``--beta1`` / ``--beta2`` should use the new values (the
+    learning rate is set every step anyway), so the groups keep what the config built.
+    """
+    configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in tr.optimizer.param_groups]
+    dist_utils.load_full_optimizer_state(tr.raw_model, tr.optimizer, state)
+    for group, values in zip(tr.optimizer.param_groups, configured, strict=True):
+        group.update(values)
