@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -215,9 +214,7 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{HF_FILE}.{os.getpid()}.tmp"
-        self.hf.save(str(tmp))
-        os.replace(tmp, directory / HF_FILE)
+        write_atomic(directory / HF_FILE, self.hf.to_str(pretty=True))
         _write_json(directory / META_FILE, {"kind": self.kind, "vocab_size": self.vocab_size, "file": HF_FILE})
 
     def _identity(self) -> str:
