@@ -265,8 +265,8 @@ def sharding_questions(cfg: Config | None = None, max_gpus: int = 64) -> list[Qu
                 title=f"the fewest {budget:g} GiB GPUs for the xl config under {name}",
                 question=(
                     f"The xl config at its own batch settings (batch {xl.batch_size} x {xl.max_seq_len} tokens "
-                    f"per GPU, {xl.precision_label}). Under {STRATEGY_NAMES[strategy]}, what is the fewest number of GPUs "
-                    f"with {budget:g} GiB each on which every GPU's estimated peak stays at or under {budget:g} GiB?"
+                    f"per GPU, {xl.precision_label}). Under {STRATEGY_NAMES[strategy]}, what is the fewest number "
+                    f"of {budget:g} GiB GPUs on which every GPU's estimated peak stays at or under {budget:g} GiB?"
                 ),
                 unit="GPUs",
                 _answer=answer,
