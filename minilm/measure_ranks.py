@@ -1,10 +1,11 @@
-"""Measure each rank's peak memory under DDP, ZeRO-2 and ZeRO-3 (FSDP2), on CPU processes.
+"""Measure each rank's peak memory under DDP, ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2), on CPU processes.
 
 The check for :mod:`minilm.sharding`: start ``world_size`` processes (gloo), build the same
 model on each, wrap it as the strategy does, take one warm-up step (AdamW's state appears)
 and measure the next step with a tracker per rank. Everything from the model's creation on
-happens inside the tracker, so DDP's gradient buckets (allocated when DDP wraps) and FSDP's
-shards, all-gather buffers and reduce-scatter buffers are all seen.
+happens inside the tracker, so DDP's gradient buckets (allocated when DDP wraps), the
+ZeRO-1 optimizer's share of AdamW's state and FSDP's shards, all-gather buffers and
+reduce-scatter buffers are all seen.
 
 Two things the plain :class:`minilm.measure.LiveStorageTracker` cannot see, handled here:
 
@@ -40,13 +41,31 @@ from minilm.measure import LiveStorageTracker
 from minilm.model import GPT
 from minilm.optim import make_optimizer
 
-MEASURED_STRATEGIES = ("ddp", "zero2", "zero3")  # ZeRO-1 is not something minilm's trainer runs
+MEASURED_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+
+
+def zero1_optimizer(model: torch.nn.Module, cfg: Config, *, impl: str = "fused") -> torch.optim.Optimizer:
+    """ZeRO-1: PyTorch's ``ZeroRedundancyOptimizer`` over the AdamW that :func:`make_optimizer` builds.
+
+    The same two weight-decay groups and hyperparameters; each rank keeps AdamW's state (and
+    steps) only for the whole tensors its greedy partition gives it, then broadcasts them.
+    Measured here only: minilm's trainer does not run ZeRO-1.
+    """
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    adamw = make_optimizer(model, cfg, impl=impl, verbose=False)  # no state yet: AdamW makes it at step 1
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw.param_groups]
+    accepted = inspect.signature(type(adamw)).parameters  # defaults also hold internal flags AdamW() refuses
+    defaults = {k: v for k, v in adamw.defaults.items() if k in accepted and k != "weight_decay"}
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(adamw), **defaults)
 
 
 def _wrap(model: GPT, cfg: Config, strategy: str) -> torch.nn.Module:
     from minilm.distributed import apply_fsdp
 
-    if strategy == "ddp":
+    if strategy in ("ddp", "zero1"):  # ZeRO-1 is DDP with a sharded optimizer
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model)
@@ -59,7 +78,10 @@ def _rank_peak(cfg: Config, strategy: str, rank: int, seed: int, optimizer: str)
     with tracker:
         torch.manual_seed(seed)  # the same initial weights on every rank
         model = _wrap(GPT(cfg), cfg, strategy)
-        opt = make_optimizer(model, cfg, impl=optimizer, verbose=False)
+        if strategy == "zero1":
+            opt = zero1_optimizer(model, cfg, impl=optimizer)
+        else:
+            opt = make_optimizer(model, cfg, impl=optimizer, verbose=False)
         gen = torch.Generator().manual_seed(seed + 1 + rank)  # each rank its own micro-batch
         shape = (cfg.batch_size, cfg.max_seq_len)
         batches = [tuple(torch.randint(0, cfg.vocab_size, shape, generator=gen) for _ in range(2))]

@@ -221,3 +221,60 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
         )
     )
     return questions
+
+
+def _fewest_gpus(cfg: Config, strategy: str, budget_gib: float, max_gpus: int) -> int | None:
+    """The fewest GPUs (1..max_gpus) whose per-GPU estimated peak under ``strategy`` is at most ``budget_gib``."""
+    from minilm.sharding import estimate_rank_memory
+
+    for n in range(1, max_gpus + 1):  # a scan, not a bisection: ZeRO-1's peak is not monotone (buckets appear at 2)
+        if estimate_rank_memory(cfg, strategy, n).peak_bytes / GB <= budget_gib:
+            return n
+    return None
+
+
+def sharding_questions(cfg: Config | None = None, max_gpus: int = 64) -> list[Question]:
+    """The sharding lesson's questions: how many GPUs of a given memory ``cfg`` needs under ZeRO-1, -2 and -3.
+
+    ``cfg`` defaults to the shipped xl config at its own batch settings; the per-GPU peak is
+    :func:`minilm.sharding.estimate_rank_memory` on a GPU, in GiB, as the lesson's table shows it.
+    """
+    from minilm.sharding import STRATEGY_NAMES, estimate_rank_memory
+
+    xl = cfg if cfg is not None else load_config("xl")
+    questions = []
+    for strategy, budget in (("zero1", 24.0), ("zero2", 16.0), ("zero3", 16.0)):
+        answer = _fewest_gpus(xl, strategy, budget, max_gpus)
+        if answer is None:
+            raise ValueError(f"{strategy} never fits {budget:g} GiB per GPU with up to {max_gpus} GPUs")
+        name = STRATEGY_NAMES[strategy].split(" ")[0]
+
+        def hint(value: float, strategy: str = strategy, budget: float = budget, name: str = name) -> str:
+            n = int(value)
+            if n != value or n < 1:
+                return "Give a whole number of GPUs."
+            peak = estimate_rank_memory(xl, strategy, n).peak_bytes / GB
+            if peak > budget:
+                return f"With {n} GPUs {name} needs {peak:.2f} GiB on each, above {budget:g} GiB."
+            return f"With {n} GPUs {name} needs {peak:.2f} GiB on each, under {budget:g} GiB: would fewer do?"
+
+        at = estimate_rank_memory(xl, strategy, answer)
+        questions.append(
+            Question(
+                key=f"{strategy}_gpus",
+                title=f"the fewest {budget:g} GiB GPUs for the xl config under {name}",
+                question=(
+                    f"The xl config at its own batch settings (batch {xl.batch_size} x {xl.max_seq_len} tokens "
+                    f"per GPU, {xl.precision_label}). Under {STRATEGY_NAMES[strategy]}, what is the fewest number "
+                    f"of {budget:g} GiB GPUs on which every GPU's estimated peak stays at or under {budget:g} GiB?"
+                ),
+                unit="GPUs",
+                _answer=answer,
+                why=(
+                    f"Each of the {answer} GPUs then keeps {at.model_state_bytes / GB:.2f} GiB of weights, "
+                    f"gradients and AdamW state, of a {at.peak_gb:.2f} GiB peak."
+                ),
+                hint=hint,
+            )
+        )
+    return questions

@@ -8,11 +8,17 @@ see :mod:`minilm.memory`) each rank keeps:
 strategy      weights     gradients   AdamW state      extra
 ============  ==========  ==========  ===============  ======================================
 DDP           4N          4N          8N               DDP's gradient buckets, 4N
-ZeRO-1        4N          4N          8N / W           DDP's buckets (ZeroRedundancyOptimizer)
+ZeRO-1        4N          4N          ≈ 8N / W         DDP's buckets (ZeroRedundancyOptimizer)
 ZeRO-2        4N / W      4N / W      8N / W           every unit gathered in forward and kept
                                                        until its backward
 ZeRO-3/FSDP   4N / W      4N / W      8N / W           one or two units gathered at a time
 ============  ==========  ==========  ===============  ======================================
+
+ZeRO-1 is DDP with PyTorch's ``ZeroRedundancyOptimizer`` around the same AdamW: each rank
+keeps AdamW's state for, and steps, only whole tensors that a greedy partition gives it
+(:func:`zero1_partition`; ranks differ by up to about one tensor), then broadcasts them.
+Its weights, gradients and buckets are DDP's, so its peak is DDP's minus the other
+ranks' AdamW state.
 
 ZeRO-2 and ZeRO-3 are PyTorch's FSDP2 (``fully_shard`` on every block and on the root, as
 :func:`minilm.distributed.wrap` applies it) with ``reshard_after_forward`` False and True.
@@ -35,9 +41,10 @@ per rank and do not shrink with W: each rank runs its own micro-batch):
   post-backward reduce-scatters them (a padded fp32 input buffer) into a 1/W shard. The
   root's gradients (the head's, then the embedding's) stay full until the very end.
 
-Checked against per-rank peaks measured on 2 CPU processes (gloo, FSDP2, fp32) by
-``tests/test_sharding.py`` for DDP, ZeRO-2 and ZeRO-3. Not measured: ZeRO-1 (no
-``ZeroRedundancyOptimizer`` in minilm's trainer), mixed-precision policies (the
+Checked against each rank's peak measured on 2 CPU processes (gloo, fp32;
+:mod:`minilm.measure_ranks`) by ``tests/test_sharding.py`` for DDP, ZeRO-1, ZeRO-2 and
+ZeRO-3, and by hand on 4. minilm's trainer runs DDP and FSDP (ZeRO-2/3), not ZeRO-1.
+Not measured: mixed-precision policies (the
 unsharded copies and all-gathers then use 2 bytes; the activations are estimated as under
 autocast), CUDA streams (on a GPU FSDP2 overlaps the next all-gather with compute, which
 this counts as the prefetched buffer) and NCCL's own buffers (not tensors).
@@ -84,6 +91,37 @@ def shard_units(cfg: Config, world_size: int) -> list[Unit]:
     return units
 
 
+def zero1_partition(cfg: Config, world_size: int) -> list[tuple[list[int], list[int]]]:
+    """Which parameter tensors each rank's ZeRO-1 optimizer steps: per rank, (matrices, vectors) sizes in elements.
+
+    PyTorch's ``ZeroRedundancyOptimizer`` does not split tensors: for each AdamW group in
+    turn (matrices with weight decay, then biases and norms, as
+    :func:`minilm.optim.make_optimizer` builds them) it takes the tensors largest first and
+    gives each to the rank with the fewest elements so far (the lowest rank on a tie).
+    Ranks therefore differ by up to about one tensor. Each list is in the order the
+    rank's local AdamW steps them.
+    """
+    sizes = [0] * world_size
+    share: list[tuple[list[int], list[int]]] = [([], []) for _ in range(world_size)]
+    for group, is_matrix in enumerate((True, False)):
+        numels = [math.prod(shape) for _, shape in parameter_shapes(cfg) if (len(shape) >= 2) == is_matrix]
+        for numel in sorted(numels, reverse=True):  # a stable sort, like torch's of the same list
+            r = sizes.index(min(sizes))
+            share[r][group].append(numel)
+            sizes[r] += numel
+    return share
+
+
+def _local_optimizer_temporaries(groups: tuple[list[int], list[int]], impl: str) -> int:
+    """Scratch bytes of one rank's AdamW step over its groups, by :func:`minilm.memory.optimizer_temporaries`' rules."""
+    if impl == "fused":
+        return 0
+    if impl == "foreach":  # one group's sqrt(exp_avg_sq) at once
+        return 4 * max(sum(g) for g in groups)
+    pairs = [(prev, cur) for g in groups for prev, cur in zip([0] + g[:-1], g, strict=True)]
+    return max((4 * (prev + 2 * cur) for prev, cur in pairs), default=0)
+
+
 @dataclass(frozen=True)
 class RankMemory:
     """One rank's estimated peak under a strategy; ``estimate`` holds the moments (bytes)."""
@@ -124,6 +162,7 @@ def estimate_rank_memory(
     optimizer: str = "fused",
     device_type: str = "cuda",
     param_dtype_bytes: int | None = None,
+    rank: int | None = None,
 ) -> RankMemory:
     """Peak bytes on each rank of one training step of ``cfg`` under ``strategy`` over ``world_size`` ranks.
 
@@ -131,12 +170,16 @@ def estimate_rank_memory(
     (default ``cfg.batch_size``). ``param_dtype_bytes``: bytes per element of the gathered
     (unsharded) parameters, 2 under a bf16/fp16 mixed-precision policy, 4 in fp32 (default:
     from ``cfg``'s precision). The other arguments are those of
-    :func:`minilm.memory.estimate_training_memory`.
+    :func:`minilm.memory.estimate_training_memory`. ``rank``: which rank, for ZeRO-1, whose
+    ranks hold different whole tensors (default: the one with the most, whose peak is the
+    highest); the other strategies give every rank the same share.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if rank is not None and not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     W = world_size
     base = estimate_training_memory(
         cfg.replace(world_size=W if strategy in ("ddp", "zero1") else 1),
@@ -148,12 +191,14 @@ def estimate_rank_memory(
     if strategy in ("ddp", "zero1"):
         if strategy == "ddp":
             return RankMemory(strategy, W, base)
-        # ZeroRedundancyOptimizer: each rank keeps (about) 1/W of AdamW's state and steps its share.
-        adam = math.ceil(base.optimizer_state / W)
+        # ZeroRedundancyOptimizer: AdamW's state (and its step) only for this rank's whole tensors.
+        share = zero1_partition(cfg, W)
+        mine = share[max(range(W), key=lambda r: sum(map(sum, share[r]))) if rank is None else rank]
+        adam = 8 * sum(map(sum, mine))
+        tmp = _local_optimizer_temporaries(mine, optimizer)
         moments = {m: {**c, "optimizer state": adam} for m, c in base.moments.items()}
-        step = moments["optimizer step"]
-        step["optimizer temporaries"] = math.ceil(step["optimizer temporaries"] / W)
-        return RankMemory(strategy, W, _replace(base, moments, optimizer_state=adam))
+        moments["optimizer step"]["optimizer temporaries"] = tmp
+        return RankMemory(strategy, W, _replace(base, moments, optimizer_state=adam, optimizer_temporaries=tmp))
 
     pb = param_dtype_bytes or (2 if cfg.precision != "fp32" else 4)
     units = shard_units(cfg, W)

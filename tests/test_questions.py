@@ -95,3 +95,17 @@ def test_largest_bisects_a_monotone_condition():
         _largest(1, 10, lambda b: False)
     q = Question("k", "t", "q", "x", _answer=2.5, tolerance=0.5)
     assert q.check(3) and q.check("2.0") and not q.check(3.1)
+
+
+def test_sharding_questions_answer_the_fewest_gpus_that_fit():
+    from minilm.questions import sharding_questions
+    from minilm.sharding import estimate_rank_memory
+
+    xl = load_config("xl")
+    for q, (strategy, budget) in zip(sharding_questions(), (("zero1", 24), ("zero2", 16), ("zero3", 16)), strict=True):
+        n = q._answer
+        peaks = [estimate_rank_memory(xl, strategy, w).peak_bytes / GB for w in range(1, n + 1)]
+        assert peaks[-1] <= budget < min(peaks[:-1]), (strategy, peaks)  # fits at n, at no fewer
+        assert q.check(n) and not q.check(n - 1) and not q.check(n + 1)
+        assert all(f"{n} GPUs" not in q.check(w).message for w in (n - 1, n + 1))  # hints never give the answer
+        assert "whole number" in q.check(2.5).message

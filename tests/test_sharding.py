@@ -1,10 +1,12 @@
-"""Per-rank memory under DDP, ZeRO-2 and ZeRO-3 (FSDP2): the estimate against peaks measured on 2 CPU processes."""
+"""Per-rank memory under DDP, ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP2): estimates against peaks measured on 2 CPU processes."""
+
+import math
 
 import pytest
 
 from minilm.config import Config, load_config
-from minilm.counting import count_parameters
-from minilm.sharding import STRATEGIES, estimate_rank_memory, rank_memory_table, shard_units
+from minilm.counting import count_parameters, parameter_shapes
+from minilm.sharding import STRATEGIES, estimate_rank_memory, rank_memory_table, shard_units, zero1_partition
 
 # Tiny shapes, so that model state is most of the peak and sharding shows: one tied model
 # with even dimensions, one untied with odd ones (FSDP2 pads dim 0 to a multiple of W) and
@@ -22,14 +24,14 @@ TOLERANCE = 0.05
 def measured():
     from minilm.measure_ranks import measure_rank_peaks
 
-    return measure_rank_peaks(SHAPES, ("ddp", "zero2", "zero3"), world_size=2)
+    return measure_rank_peaks(SHAPES, STRATEGIES, world_size=2)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_estimate_within_5_percent_of_each_ranks_measured_peak(measured, shape, strategy):
-    est = estimate_rank_memory(SHAPES[shape], strategy, 2, device_type="cpu").peak_bytes
     for rank, peak in enumerate(measured[shape][strategy]):
+        est = estimate_rank_memory(SHAPES[shape], strategy, 2, device_type="cpu", rank=rank).peak_bytes
         err = est / peak - 1
         assert abs(err) < TOLERANCE, f"{shape} {strategy} rank {rank}: estimated {est}, measured {peak} ({err:+.2%})"
 
@@ -37,7 +39,29 @@ def test_estimate_within_5_percent_of_each_ranks_measured_peak(measured, shape, 
 def test_sharding_lowers_the_measured_peak(measured):
     for shape in SHAPES:
         m = {s: max(p) for s, p in measured[shape].items()}
-        assert m["zero3"] < m["zero2"] < m["ddp"], (shape, m)
+        assert m["zero3"] < m["zero2"] < m["zero1"] < m["ddp"], (shape, m)
+
+
+def test_zero1_saves_exactly_the_other_ranks_adamw_state(measured):
+    # ZeRO-1 is DDP with a sharded optimizer: the measured drop on each rank is 8 bytes for every
+    # parameter the other rank steps (AdamW's two fp32 moments), counted from the partition.
+    for shape, cfg in SHAPES.items():
+        share = [sum(map(sum, groups)) for groups in zero1_partition(cfg, 2)]
+        for rank in range(2):
+            saved = measured[shape]["ddp"][rank] - measured[shape]["zero1"][rank]
+            assert saved == pytest.approx(8 * share[1 - rank], rel=0.01), (shape, rank, saved, share)
+
+
+def test_zero1_partition_is_torchs_greedy_one():
+    cfg = SHAPES["untied odd L3"]
+    share = zero1_partition(cfg, 3)
+    numels = sorted(n for groups in share for g in groups for n in g)
+    assert numels == sorted(math.prod(s) for _, s in parameter_shapes(cfg))  # every tensor once, whole
+    # largest first: the two 509x48 tables go to ranks 0 and 1, the next matrix (qkv, 144x48) to rank 2
+    assert [groups[0][0] for groups in share] == [509 * 48, 509 * 48, 144 * 48]
+    totals = [sum(map(sum, groups)) for groups in share]
+    assert max(totals) - min(totals) <= 509 * 48  # greedy: never more than one tensor apart
+    assert estimate_rank_memory(cfg, "zero1", 3).estimate.optimizer_state == 8 * max(totals)
 
 
 def test_units_cover_every_parameter_and_pad_dim0():
@@ -55,7 +79,9 @@ def test_model_state_per_rank_shrinks_as_the_strategies_say():
     n = count_parameters(cfg).total
     state = {s: estimate_rank_memory(cfg, s, 8).model_state_bytes for s in STRATEGIES}
     assert state["ddp"] == 16 * n
-    assert state["zero1"] == pytest.approx(8 * n + 8 * n / 8, rel=1e-6)
+    busiest = max(sum(map(sum, groups)) for groups in zero1_partition(cfg, 8))
+    assert state["zero1"] == 8 * n + 8 * busiest  # AdamW's state for whole tensors: about 1/8 of them
+    assert n / 8 <= busiest <= n / 8 + max(math.prod(s) for _, s in parameter_shapes(cfg))
     assert state["zero3"] == pytest.approx(16 * n / 8, rel=1e-3)  # padding only
     peaks = [estimate_rank_memory(cfg, s, 8).peak_bytes for s in STRATEGIES]
     assert peaks == sorted(peaks, reverse=True), peaks
@@ -72,6 +98,8 @@ def test_one_rank_fsdp_holds_what_one_gpu_holds_plus_the_gathered_copy():
 def test_errors_and_table():
     with pytest.raises(ValueError, match="strategy"):
         estimate_rank_memory(SHAPES["tied d64 L2"], "zero4", 2)
+    with pytest.raises(ValueError, match="rank"):
+        estimate_rank_memory(SHAPES["tied d64 L2"], "zero1", 2, rank=2)
     table = rank_memory_table(load_config("large"), (1, 8))
     assert "ZeRO-3" in table and table.count("\n") == 1 + len(STRATEGIES)
 
