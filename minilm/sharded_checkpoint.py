@@ -111,7 +111,9 @@ def save_sharded(
     try:
         state, groups = _tensor_state(model, optimizer)
         with ckpt_io.write_errors(final):
-            dcp.save(state, storage_writer=FileSystemWriter(tmp / SHARDED_DIR))
+            with warnings.catch_warnings():  # one process without a process group is a supported way to save
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+                dcp.save(state, storage_writer=FileSystemWriter(tmp / SHARDED_DIR))
             if main:
                 extra = {} if groups is None else {GROUPS_KEY: groups}
                 ckpt_io.write_state_files(tmp, step, {**training_state, **extra}, config, tokenizer)
@@ -147,23 +149,31 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused {module}.{name}: not part of a DCP index")
 
 
+def read_index(dcp_dir: Path):
+    """DCP's ``.metadata`` index of ``dcp_dir``, unpickled safely; raises :class:`CheckpointError` naming the file.
+
+    Refuses an index that lists non-tensor entries: DCP would unpickle those with code execution.
+    """
+    path = dcp_dir / ".metadata"
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        entries = metadata.state_dict_metadata.items()
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable DCP index ({type(e).__name__}: {e})") from None
+    bad = [k for k, v in entries if isinstance(v, BytesStorageMetadata)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: holds non-tensor entries ({', '.join(bad[:3])}), which would be unpickled with code "
+            "execution; minilm writes tensors only: this folder was not written by minilm"
+        )
+    return metadata
+
+
 class _TensorsOnlyReader(FileSystemReader):
-    """DCP's file reader with a safe ``.metadata`` unpickler; refuses non-tensor entries (DCP would unpickle them)."""
+    """DCP's file reader, its index read by :func:`read_index` (DCP's own reader unpickles anything)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            raw = f.read()
-        try:
-            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable DCP index ({type(e).__name__}: {e})") from None
-        bad = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
-        if bad:
-            raise CheckpointError(
-                f"{path}: holds non-tensor entries ({', '.join(bad[:3])}), which would be unpickled with code "
-                "execution; minilm writes tensors only: this folder was not written by minilm"
-            )
+        metadata = read_index(Path(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -192,6 +202,7 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def load_into(ck: ckpt_io.Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Read the shards of ``ck`` (loaded with ``weights=False``: already verified) into ``model`` and ``optimizer``."""
+    read_index(ck.path / SHARDED_DIR)  # a clean error here: DCP would retry a refused index under another name
     state, _ = _tensor_state(model, optimizer)
     with warnings.catch_warnings():
         # One process without a process group is a supported way to read: DCP says so in a warning.
@@ -212,6 +223,7 @@ def read_whole(path: str | Path, param_groups: list | None = None) -> tuple[dict
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner, _load_state_dict
 
     state: dict[str, Any] = {}
+    read_index(Path(path) / SHARDED_DIR)  # a clean error here: DCP would retry a refused index under another name
     reader = _TensorsOnlyReader(Path(path) / SHARDED_DIR)
     _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     optim = None
