@@ -136,7 +136,7 @@ def world_size_note(ck: ckpt_io.Checkpoint, cfg) -> str | None:
     if same_batch:
         text += (
             f"The global batch is unchanged ({new.batch_size * new.world_size} sequences), so each step sees the "
-            "same sequences as before; losses agree up to the order of the gradient sums (fp32: ~1e-6 relative)."
+            "same sequences as before; losses agree up to the order of the gradient sums (fp32: ~1e-7 relative)."
         )
     else:
         text += (

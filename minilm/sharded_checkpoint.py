@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -106,7 +107,16 @@ def save_sharded(
     """
     main = _rank() == 0
     final = ckpt_io.checkpoint_path(output_dir, step)
-    tmp = Path(_from_rank0(str(ckpt_io.new_checkpoint_folder(output_dir, step)) if main else None))
+    made: tuple[str | None, str | None] = (None, None)  # (temporary folder, error)
+    if main:
+        try:  # rank 0 makes the folder; the others wait for its name, so a failure must reach them
+            made = (str(ckpt_io.new_checkpoint_folder(output_dir, step)), None)
+        except OSError as e:
+            made = (None, f"{final}: could not create a temporary folder beside it ({e})")
+    folder, failure = _from_rank0(made)
+    if failure is not None:
+        raise CheckpointError(failure)
+    tmp = Path(folder)
     error: CheckpointError | None = None
     try:
         state, groups = _tensor_state(model, optimizer)
@@ -117,6 +127,12 @@ def save_sharded(
             if main:
                 extra = {} if groups is None else {GROUPS_KEY: groups}
                 ckpt_io.write_state_files(tmp, step, {**training_state, **extra}, config, tokenizer)
+    except CheckpointException as e:  # DCP's (a BaseException): every rank gets it, naming the ranks that failed
+        why = "; ".join(f"rank {r}: {ckpt_io._first_line(exc)}" for r, (exc, _) in e.failures.items())
+        error = CheckpointError(
+            f"{final}: could not write the shards ({why}); a full disk is the usual cause: free space or choose "
+            "another --output_dir on a file system all ranks share (the checkpoints already saved are intact)"
+        )
     except CheckpointError as e:
         error = e
     if _any_rank(error is not None):  # every rank's shard is written before the folder gets its name
@@ -124,9 +140,12 @@ def save_sharded(
             shutil.rmtree(tmp, ignore_errors=True)
         raise error or CheckpointError(f"{final}: another process could not write its shard (see its error)")
     if main:
-        final = ckpt_io.publish_checkpoint(tmp, step, save_total_limit=save_total_limit, stale_steps=stale_steps)
-    if dist.is_initialized():
-        dist.barrier()  # nobody reads the checkpoint before it has its name
+        try:
+            final = ckpt_io.publish_checkpoint(tmp, step, save_total_limit=save_total_limit, stale_steps=stale_steps)
+        except CheckpointError as e:
+            error = e
+    if _any_rank(error is not None):  # also the barrier: nobody reads the checkpoint before it has its name
+        raise error or CheckpointError(f"{final}: rank 0 could not finish the checkpoint (see its error)")
     return final
 
 

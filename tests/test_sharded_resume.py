@@ -174,3 +174,19 @@ def test_a_dcp_index_with_code_in_it_is_refused(tmp_path):
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(os.getcwd))
     with pytest.raises(CheckpointError, match=r"\.metadata: unreadable DCP index .*refused"):
         read_whole(tmp_path)
+
+
+def test_a_failed_shard_write_is_one_checkpoint_error_and_leaves_nothing(micro_config, tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from minilm.model import GPT
+    from minilm.sharded_checkpoint import save_sharded
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    cfg = micro_config(tmp_path / "run")
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(CheckpointError, match=r"checkpoint-3: could not write the shards .*No space left"):
+        save_sharded(tmp_path / "run", 3, GPT(cfg), None, training_state={}, config=cfg)
+    assert list((tmp_path / "run").iterdir()) == []  # neither checkpoint-3 nor its temporary folder
