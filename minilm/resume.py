@@ -19,6 +19,7 @@ from minilm import distributed as dist_utils
 from minilm import runs
 from minilm import sharded_checkpoint as sharded
 from minilm.checkpoint import CheckpointError
+from minilm.config import Config
 
 if TYPE_CHECKING:
     from minilm.trainer import Trainer
@@ -50,7 +51,7 @@ def data_position(tr: Trainer) -> dict[str, Any]:
 
 
 def save(tr: Trainer, state: dict[str, Any] | None = None) -> Path | None:
-    """Write ``output_dir/checkpoint-{step}`` (rank 0 writes; every rank takes part) and return its path."""
+    """Write ``output_dir/checkpoint-{step}`` (rank 0, or each rank its shard; all take part); its path on rank 0."""
     path = None
     tr.stale_steps.discard(tr.step)  # written again now: part of this run
     if writes_shards(tr):
@@ -122,7 +123,7 @@ def resume(tr: Trainer, path: Path) -> None:
     tr.log(f"resumed from {path} at step {tr.step}")
 
 
-def world_size_note(ck: ckpt_io.Checkpoint, cfg) -> str | None:
+def world_size_note(ck: ckpt_io.Checkpoint, cfg: Config) -> str | None:
     """What stays exact when ``cfg`` resumes ``ck`` at another world size (None: the same world size)."""
     old, new = ck.config, cfg
     if old.world_size == new.world_size:

@@ -30,11 +30,12 @@ hyperparameters go to ``training_state.pt``, read with ``weights_only=True``), r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import shutil
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,20 @@ def _from_rank0(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _failures(e: CheckpointException) -> str:
+    """What DCP's exception says failed, one line per rank (its own message is whole tracebacks)."""
+    return "; ".join(f"rank {r}: {ckpt_io._first_line(exc)}" for r, (exc, _) in e.failures.items())
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """DCP's read failures (a BaseException) as one :class:`CheckpointError` naming the checkpoint."""
+    try:
+        yield
+    except CheckpointException as e:
+        raise CheckpointError(f"{path}: cannot read its shards ({_failures(e)}): use an older checkpoint") from None
 
 
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, list | None]:
@@ -128,10 +143,9 @@ def save_sharded(
                 extra = {} if groups is None else {GROUPS_KEY: groups}
                 ckpt_io.write_state_files(tmp, step, {**training_state, **extra}, config, tokenizer)
     except CheckpointException as e:  # DCP's (a BaseException): every rank gets it, naming the ranks that failed
-        why = "; ".join(f"rank {r}: {ckpt_io._first_line(exc)}" for r, (exc, _) in e.failures.items())
         error = CheckpointError(
-            f"{final}: could not write the shards ({why}); a full disk is the usual cause: free space or choose "
-            "another --output_dir on a file system all ranks share (the checkpoints already saved are intact)"
+            f"{final}: could not write the shards ({_failures(e)}); a full disk is the usual cause: free space or "
+            "choose another --output_dir on a file system all ranks share (the checkpoints already saved are intact)"
         )
     except CheckpointError as e:
         error = e
@@ -226,7 +240,8 @@ def load_into(ck: ckpt_io.Checkpoint, model: nn.Module, optimizer: torch.optim.O
     with warnings.catch_warnings():
         # One process without a process group is a supported way to read: DCP says so in a warning.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, storage_reader=_TensorsOnlyReader(ck.path / SHARDED_DIR))
+        with _read_errors(ck.path):
+            dcp.load(state, storage_reader=_TensorsOnlyReader(ck.path / SHARDED_DIR))
     optim_sd = {"state": state["optim"], "param_groups": _groups(ck)} if optimizer is not None else {}
     opt = optimizer if optimizer is not None else []
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=optim_sd)
@@ -244,7 +259,8 @@ def read_whole(path: str | Path, param_groups: list | None = None) -> tuple[dict
     state: dict[str, Any] = {}
     read_index(Path(path) / SHARDED_DIR)  # a clean error here: DCP would retry a refused index under another name
     reader = _TensorsOnlyReader(Path(path) / SHARDED_DIR)
-    _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    with _read_errors(Path(path)):
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     optim = None
     if param_groups is not None and "optim" in state:
         optim = {"state": state["optim"], "param_groups": param_groups}

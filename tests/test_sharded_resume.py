@@ -190,3 +190,16 @@ def test_a_failed_shard_write_is_one_checkpoint_error_and_leaves_nothing(micro_c
     with pytest.raises(CheckpointError, match=r"checkpoint-3: could not write the shards .*No space left"):
         save_sharded(tmp_path / "run", 3, GPT(cfg), None, training_state={}, config=cfg)
     assert list((tmp_path / "run").iterdir()) == []  # neither checkpoint-3 nor its temporary folder
+
+
+def test_the_resume_note_says_what_is_exact_at_another_world_size(micro_config, tmp_path):
+    from types import SimpleNamespace
+
+    from minilm.resume import world_size_note
+
+    ck = SimpleNamespace(config=micro_config(tmp_path, world_size=4, batch_size=1, dropout=0.0))
+    assert world_size_note(ck, micro_config(tmp_path, world_size=4, batch_size=1, dropout=0.0)) is None
+    same = world_size_note(ck, micro_config(tmp_path, world_size=2, batch_size=2, dropout=0.0))
+    other = world_size_note(ck, micro_config(tmp_path, world_size=2, batch_size=1, dropout=0.1))
+    assert "4-process run on 2 process(es)" in same and "unchanged (4 sequences)" in same and "Dropout" not in same
+    assert "changed (4 -> 2 sequences" in other and "Dropout masks" in other
