@@ -10,6 +10,10 @@ A checkpoint is a folder ``output_dir/checkpoint-N`` (N = optimizer steps taken)
         tokenizer/          the tokenizer, so the checkpoint decodes exactly as it was trained
         manifest.json       size and SHA-256 of every file, written last: a folder without it is not a checkpoint
 
+A *sharded* checkpoint (FSDP with several processes, :mod:`minilm.sharded_checkpoint`) holds
+``dcp/`` (one file per rank and DCP's index) in place of ``model.safetensors``; listing,
+``latest``, rotation, checksums and loading treat both kinds alike.
+
 **Checksums.** Loading compares every file with the manifest's SHA-256 and names the one that
 differs (a flipped bit on disk, a partial copy), so damaged weights are never trained on or
 sampled from. :func:`latest_checkpoint` takes the newest checkpoint that verifies and warns
@@ -64,6 +68,8 @@ STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST_FILE = "manifest.json"
+SHARDED_DIR = "dcp"  # a sharded checkpoint's weights and AdamW moments, one file per rank (minilm.sharded_checkpoint)
+SHARDED_INDEX = f"{SHARDED_DIR}/.metadata"  # DCP's index of those files: present in every sharded checkpoint
 FORMAT_VERSION = 2  # 2: safetensors weights, SHA-256 per file; 1: model.pt, sizes only
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -271,17 +277,67 @@ def save_checkpoint(
     checkpoints so that at most that many remain (see :func:`rotate_checkpoints`: the one
     written now is never deleted, and the ``stale_steps`` of a replaced run go first).
     """
+    tmp = new_checkpoint_folder(output_dir, step)
+    with removed_on_failure(tmp), write_errors(checkpoint_path(output_dir, step)):
+        save_weights(clean_state_dict(model_state), tmp / MODEL_FILE)
+        write_state_files(tmp, step, training_state, config, tokenizer)
+    return publish_checkpoint(tmp, step, save_total_limit=save_total_limit, stale_steps=stale_steps)
+
+
+def new_checkpoint_folder(output_dir: str | Path, step: int) -> Path:
+    """A new hidden temporary folder in ``output_dir``; :func:`publish_checkpoint` renames it ``checkpoint-{step}``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(output_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=output_dir))
+    return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=output_dir))
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Delete the temporary folder ``tmp`` if the block raises (a kill leaves it to :func:`clean_output_dir`)."""
     try:
-        try:
-            save_weights(clean_state_dict(model_state), tmp / MODEL_FILE)
-            _torch_save({"format_version": FORMAT_VERSION, "step": step, **training_state}, tmp / STATE_FILE)
-            config.save(tmp / CONFIG_FILE)
-            if tokenizer is not None:
-                tokenizer.save(tmp / TOKENIZER_DIR)
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def write_errors(final: Path) -> Iterator[None]:
+    """Turn what a full disk raises while ``final`` is being written into one :class:`CheckpointError`."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, safetensors.SafetensorError) as e:
+        # A full disk reaches us as OSError from Python, RuntimeError from torch.save
+        # ("file write failed") or SafetensorError: one message for all three.
+        raise CheckpointError(
+            f"{final}: could not write the checkpoint ({_first_line(e)}); a full disk is the usual cause: "
+            "free space or choose another --output_dir (the checkpoints already saved are intact)"
+        ) from None
+
+
+def write_state_files(
+    folder: Path, step: int, training_state: dict[str, Any], config: Config, tokenizer: Any | None
+) -> None:
+    """Everything of a checkpoint but its weights: ``training_state.pt``, ``config.json`` and ``tokenizer/``."""
+    _torch_save({"format_version": FORMAT_VERSION, "step": step, **training_state}, folder / STATE_FILE)
+    config.save(folder / CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save(folder / TOKENIZER_DIR)
+
+
+def publish_checkpoint(tmp: Path, step: int, *, save_total_limit: int = 0, stale_steps: Collection[int] = ()) -> Path:
+    """Checksum every file of the finished temporary folder ``tmp``, then rename it to ``checkpoint-{step}``.
+
+    The manifest (size and SHA-256 of every file, sharded checkpoints' shards included) is written
+    last, every file is fsync'ed, and one rename makes the checkpoint appear whole; then debris is
+    cleaned and ``save_total_limit`` applied (:func:`rotate_checkpoints`). One process calls it.
+    """
+    output_dir = tmp.parent
+    final = checkpoint_path(output_dir, step)
+    with removed_on_failure(tmp):
+        with write_errors(final):
             files = {
                 str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                 for p in sorted(tmp.rglob("*"))
@@ -290,41 +346,36 @@ def save_checkpoint(
             manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
             _write_tree_durably(tmp)
-        except (OSError, RuntimeError, safetensors.SafetensorError) as e:
-            # A full disk reaches us as OSError from Python, RuntimeError from torch.save
-            # ("file write failed") or SafetensorError: one message for all three.
-            raise CheckpointError(
-                f"{final}: could not write the checkpoint ({_first_line(e)}); a full disk is the usual cause: "
-                "free space or choose another --output_dir (the checkpoints already saved are intact)"
-            ) from None
-        if final.exists():
-            # Re-saving the same step (e.g. after a resume): move the old one aside first,
-            # since a folder cannot be renamed over a non-empty folder.
-            old = output_dir / f"{_OLD_PREFIX}{step}"
-            if old.exists():
-                discard(old)
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                # Between the two renames another process listed the folder and put the old one back
-                # (see _restore_moved_aside): move it aside again.
-                if not final.exists():
-                    raise
-                os.replace(final, old)
-                os.replace(tmp, final)
-            discard(old)
-        else:
-            os.replace(tmp, final)
+        _rename_into_place(tmp, final)
         _fsync_dir(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _restore_moved_aside(output_dir)  # before the clean-up, which would delete it
     _remove_stale_temporaries(output_dir, keep=final)
     if save_total_limit > 0:
         rotate_checkpoints(output_dir, save_total_limit, newest=final, stale_steps=stale_steps)
     return final
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    """``tmp`` becomes ``final``; an existing ``final`` (the same step saved again) is moved aside first."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # Re-saving the same step (e.g. after a resume): move the old one aside first,
+    # since a folder cannot be renamed over a non-empty folder.
+    old = final.parent / f"{_OLD_PREFIX}{checkpoint_step(final)}"
+    if old.exists():
+        discard(old)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # Between the two renames another process listed the folder and put the old one back
+        # (see _restore_moved_aside): move it aside again.
+        if not final.exists():
+            raise
+        os.replace(final, old)
+        os.replace(tmp, final)
+    discard(old)
 
 
 def discard(path: Path) -> None:
@@ -447,6 +498,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a sharded checkpoint (DCP's index in ``dcp/``); say nothing of its integrity."""
+    return (Path(path) / SHARDED_INDEX).is_file()
+
+
 def checkpoint_step(path: str | Path) -> int:
     """N of a ``checkpoint-N`` folder."""
     m = _CHECKPOINT_RE.match(Path(path).name)
@@ -497,6 +553,7 @@ class Checkpoint:
     config: Config
     model_state: dict[str, torch.Tensor]
     training_state: dict[str, Any]
+    sharded: bool = False  # written as shards (dcp/); model_state is the whole model, read by this process
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -573,19 +630,25 @@ def check_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]
                 f"{f}: corrupt checkpoint file, its SHA-256 differs from the one recorded when it was saved "
                 "(changed on disk or by a bad copy): use an older checkpoint, or copy this one again"
             )
-    if MODEL_FILE not in entries and LEGACY_MODEL_FILE not in entries:
-        raise CheckpointError(f"{path}: the manifest lists no model weights ({MODEL_FILE}): use an older checkpoint")
+    if not {MODEL_FILE, LEGACY_MODEL_FILE, SHARDED_INDEX} & set(entries):
+        raise CheckpointError(
+            f"{path}: the manifest lists no model weights ({MODEL_FILE} or {SHARDED_INDEX}): use an older checkpoint"
+        )
     return manifest
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", *, training_state: bool = True
+    path: str | Path, map_location: str | torch.device = "cpu", *, training_state: bool = True, weights: bool = True
 ) -> Checkpoint:
     """Read and verify a checkpoint folder; raises :class:`CheckpointError` if it cannot be used.
 
     ``training_state=False`` skips ``training_state.pt`` (sampling needs only the weights, which
     are safetensors: then nothing is unpickled at all); ``training_state`` is then ``{}`` and
-    ``step`` comes from the manifest.
+    ``step`` comes from the manifest. ``weights=False`` skips the weights (``model_state`` is
+    ``{}``): for the config alone, or a sharded resume where every rank reads its own shards.
+
+    A sharded checkpoint's shards are read whole into this process (its ``model_state``; with the
+    training state, ``training_state["optimizer"]`` holds AdamW's whole state keyed by name).
     """
     path = Path(path)
     manifest = check_checkpoint(path)
@@ -594,13 +657,21 @@ def load_checkpoint(
         config = config_from_dict(values, source=str(path / CONFIG_FILE), check_estimate=False)
     except (ConfigError, OSError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: corrupt config ({e})") from None
-    if (path / MODEL_FILE).is_file():
-        model_state = load_weights(path / MODEL_FILE, map_location)
-    else:  # a checkpoint written before safetensors
-        model_state = _torch_load(path / LEGACY_MODEL_FILE, map_location)
+    sharded = SHARDED_INDEX in manifest["files"]
     state: dict[str, Any] = {}
     if training_state:
         state = _torch_load(path / STATE_FILE, map_location)
+    model_state: Any = {}
+    if weights and sharded:
+        from minilm.sharded_checkpoint import GROUPS_KEY, read_whole
+
+        model_state, optimizer = read_whole(path, state.get(GROUPS_KEY) if isinstance(state, dict) else None)
+        if optimizer is not None:
+            state["optimizer"] = optimizer
+    elif weights and (path / MODEL_FILE).is_file():
+        model_state = load_weights(path / MODEL_FILE, map_location)
+    elif weights:  # a checkpoint written before safetensors
+        model_state = _torch_load(path / LEGACY_MODEL_FILE, map_location)
     bad_model = not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values())
     if bad_model or not isinstance(state, dict) or (training_state and "step" not in state):
         raise CheckpointError(f"{path}: its files do not hold a minilm checkpoint (no weights or no step)")
@@ -613,6 +684,7 @@ def load_checkpoint(
         config=config,
         model_state=clean_state_dict(model_state),
         training_state=state,
+        sharded=sharded,
     )
 
 

@@ -192,7 +192,7 @@ def resolve_train_args(argv: list[str]) -> tuple[Config, argparse.Namespace]:
         if ns.config is not None:
             cfg = load_config(ns.config, overrides)
         elif resume is not None and resume != "latest":
-            base = load_checkpoint(resume, training_state=False).config.to_dict()
+            base = load_checkpoint(resume, training_state=False, weights=False).config.to_dict()
             cfg = config_from_dict({**base, **overrides}, source=f"{resume}/config.json with overrides")
         else:
             parser.error("--config is required (or --resume_from_checkpoint PATH to continue a run with its config)")

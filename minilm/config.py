@@ -146,6 +146,13 @@ class Config:
         "fsdp only: free each block's gathered weights after its forward (ZeRO-3); false keeps them "
         "until its backward (ZeRO-2: more memory, less communication).",
     )
+    checkpoint_format: str = _f(
+        "auto",
+        "system",
+        "'full' (rank 0 gathers the whole model into model.safetensors), 'sharded' (every process writes its "
+        "own shard with torch.distributed.checkpoint) or 'auto' (sharded under fsdp with world_size > 1).",
+        choices=("auto", "full", "sharded"),
+    )
     fp16: bool = _f(False, "system", "float16 autocast with a gradient scaler (GPU).")
     bf16: bool = _f(False, "system", "bfloat16 autocast (GPU, or CPUs with native bf16).")
     gradient_checkpointing: bool = _f(False, "system", "Recompute each block's activations in backward to save memory.")

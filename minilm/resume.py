@@ -3,6 +3,10 @@
 The files themselves (safetensors weights, checksums, atomic folders, rotation) are
 :mod:`minilm.checkpoint`'s; this module decides *what* goes in them so that a resumed run
 continues bit for bit: optimizer, gradient scaler, RNG, the sampler's position, counters.
+
+Under FSDP with several processes (``checkpoint_format`` 'auto') every rank writes its own shard
+(:mod:`minilm.sharded_checkpoint`) instead of gathering the model onto rank 0. Either kind
+resumes at any world size; see :func:`world_size_note` for what is then exact.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
 from minilm import runs
+from minilm import sharded_checkpoint as sharded
 from minilm.checkpoint import CheckpointError
+from minilm.config import Config
 
 if TYPE_CHECKING:
     from minilm.trainer import Trainer
@@ -21,8 +27,10 @@ if TYPE_CHECKING:
 
 def training_state(tr: Trainer) -> dict[str, Any]:
     """Optimizer, scaler, RNG, sampler position and counters: what a checkpoint needs besides weights."""
+    # Sharded: each rank writes its own AdamW shard (save), nothing is gathered here.
+    optimizer = {} if writes_shards(tr) else {"optimizer": dist_utils.full_optimizer_state(tr.raw_model, tr.optimizer)}
     return {
-        "optimizer": dist_utils.full_optimizer_state(tr.raw_model, tr.optimizer),
+        **optimizer,
         "scaler": tr.scaler.state_dict(),
         "rng": ckpt_io.rng_state(tr.device),
         "sampler": tr.sampler.state_dict(),
@@ -31,15 +39,34 @@ def training_state(tr: Trainer) -> dict[str, Any]:
     }
 
 
+def writes_shards(tr: Trainer) -> bool:
+    """Whether this run saves sharded checkpoints: format 'sharded', or 'auto' under FSDP with >1 process."""
+    fmt = tr.cfg.checkpoint_format
+    return fmt == "sharded" or (fmt == "auto" and dist_utils.is_sharded(tr.raw_model) and tr.dist.world_size > 1)
+
+
 def data_position(tr: Trainer) -> dict[str, Any]:
     """The parts of the training state that a half-done step changes: sampler position and RNG."""
     return {"sampler": tr.sampler.state_dict(), "rng": ckpt_io.rng_state(tr.device)}
 
 
 def save(tr: Trainer, state: dict[str, Any] | None = None) -> Path | None:
-    """Write ``output_dir/checkpoint-{step}`` (rank 0 writes; every rank takes part) and return its path."""
+    """Write ``output_dir/checkpoint-{step}`` (rank 0, or each rank its shard; all take part); its path on rank 0."""
     path = None
     tr.stale_steps.discard(tr.step)  # written again now: part of this run
+    if writes_shards(tr):
+        path = sharded.save_sharded(
+            tr.output_dir,
+            tr.step,
+            tr.raw_model,
+            tr.optimizer,
+            training_state=state or training_state(tr),
+            config=tr.cfg,
+            tokenizer=tr.tokenizer,
+            save_total_limit=tr.cfg.save_total_limit,
+            stale_steps=tr.stale_steps,
+        )
+        return path if tr.is_main else None
     # FSDP: gathering the whole state is collective, so every rank takes part; rank 0 writes.
     model_state = dist_utils.full_model_state(tr.raw_model)
     state = state or training_state(tr)
@@ -64,14 +91,17 @@ def resume(tr: Trainer, path: Path) -> None:
     Raises :class:`~minilm.checkpoint.CheckpointError` for a checkpoint that cannot continue
     this config (another model shape, tokenizer, seed or batch layout).
     """
-    ck = ckpt_io.load_checkpoint(path, map_location="cpu")
+    # A sharded checkpoint into a sharded model: each rank reads only its own pieces (below).
+    direct = dist_utils.is_sharded(tr.raw_model) and ckpt_io.is_sharded_checkpoint(path)
+    ck = ckpt_io.load_checkpoint(path, map_location="cpu", weights=not direct)
     changed = ckpt_io.check_resumable(ck, tr.cfg, tr.tokenizer.fingerprint)
     if changed:
         tr.log(f"note: resuming with fields changed since the checkpoint: {', '.join(changed)}")
+    note = world_size_note(ck, tr.cfg)
+    if note:
+        tr.log(note)
     st = ck.training_state
-    dist_utils.load_full_model_state(tr.raw_model, ck.model_state)
-    tr.raw_model.to(tr.device)
-    _load_optimizer(tr, st["optimizer"])
+    _load_model_and_optimizer(tr, ck, direct)
     if tr.scaler.is_enabled() and not st["scaler"]:
         # Not trained in fp16: a disabled scaler saves {}. A fresh scaler is how any fp16 run starts.
         tr.log("note: the checkpoint was not trained in fp16 (no scaler state); starting a fresh gradient scaler")
@@ -93,6 +123,49 @@ def resume(tr: Trainer, path: Path) -> None:
     tr.log(f"resumed from {path} at step {tr.step}")
 
 
+def world_size_note(ck: ckpt_io.Checkpoint, cfg: Config) -> str | None:
+    """What stays exact when ``cfg`` resumes ``ck`` at another world size (None: the same world size)."""
+    old, new = ck.config, cfg
+    if old.world_size == new.world_size:
+        return None
+    same_batch = old.batch_size * old.world_size == new.batch_size * new.world_size
+    text = (
+        f"note: resuming a {old.world_size}-process run on {new.world_size} process(es). Exact: weights, AdamW "
+        "state, step, learning-rate schedule, tokens seen and the data stream (the sampler continues at the next "
+        "unseen sequence). "
+    )
+    if same_batch:
+        text += (
+            f"The global batch is unchanged ({new.batch_size * new.world_size} sequences), so each step sees the "
+            "same sequences as before; losses agree up to the order of the gradient sums (fp32: ~1e-7 relative)."
+        )
+    else:
+        text += (
+            f"The global batch changed ({old.batch_size * old.world_size} -> {new.batch_size * new.world_size} "
+            "sequences per micro-batch): the steps group the sequences differently, so the curve differs."
+        )
+    if new.dropout > 0:
+        text += " Dropout masks are drawn per process batch, so they differ from the uninterrupted run's."
+    return text
+
+
+def _load_model_and_optimizer(tr: Trainer, ck: ckpt_io.Checkpoint, direct: bool) -> None:
+    """Weights and AdamW state; ``direct``: a sharded checkpoint read shard by shard into the FSDP model."""
+    configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in tr.optimizer.param_groups]
+    if direct:
+        sharded.load_into(ck, tr.raw_model, tr.optimizer)
+        _restore_groups(tr, configured)
+        return
+    dist_utils.load_full_model_state(tr.raw_model, ck.model_state)
+    tr.raw_model.to(tr.device)
+    _load_optimizer(tr, ck.training_state["optimizer"])
+
+
+def _restore_groups(tr: Trainer, configured: list[dict]) -> None:
+    for group, values in zip(tr.optimizer.param_groups, configured, strict=True):
+        group.update(values)
+
+
 def _load_optimizer(tr: Trainer, state: dict) -> None:
     """AdamW's moments and step counts; the config's hyperparameters win over the saved ones.
 
@@ -102,5 +175,4 @@ def _load_optimizer(tr: Trainer, state: dict) -> None:
     """
     configured = [{k: g[k] for k in ("weight_decay", "betas")} for g in tr.optimizer.param_groups]
     dist_utils.load_full_optimizer_state(tr.raw_model, tr.optimizer, state)
-    for group, values in zip(tr.optimizer.param_groups, configured, strict=True):
-        group.update(values)
+    _restore_groups(tr, configured)

@@ -67,6 +67,10 @@ def test_fsdp_run_follows_the_one_process_curve_and_resumes_on_one_process(launc
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train", "train", "eval", "train", "train", "eval"]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]
+    # checkpoint_format 'auto': two FSDP processes write shards (dcp/), no gathered model.safetensors
+    assert (run / "checkpoint-2" / "dcp" / ".metadata").is_file() and not (
+        run / "checkpoint-2" / "model.safetensors"
+    ).exists()
     fsdp_losses = [r["loss"] for r in records if r["kind"] == "train"]
 
     monkeypatch.setenv("MINILM_CACHE", env["MINILM_CACHE"])

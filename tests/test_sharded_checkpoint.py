@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilm.checkpoint import load_checkpoint
+from minilm.checkpoint import CheckpointError, load_checkpoint
 from minilm.config import Config
 from minilm.model import GPT
 from minilm.optim import make_optimizer
@@ -49,7 +49,7 @@ def step(i):
     return loss / 2
 
 step(0)
-save_sharded(f"{out}/sharded", model, opt, step=1, config=cfg)
+save_sharded(out, 1, model, opt, training_state={"note": "step one"}, config=cfg)
 loss = step(1)
 state = full_model_state(model)
 if rank == 0:
@@ -74,9 +74,9 @@ def saved(tmp_path_factory):
 
 
 def test_each_rank_wrote_its_own_shard(saved):
-    files = sorted(p.name for p in (saved / "sharded" / "dcp").iterdir())
+    files = sorted(p.name for p in (saved / "checkpoint-1" / "dcp").iterdir())
     assert ".metadata" in files and sum(f.endswith(".distcp") for f in files) == 2, files
-    assert not (saved / "sharded.tmp").exists()
+    assert not [p.name for p in saved.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
 def test_one_process_resumes_the_two_process_run_exactly(saved):
@@ -84,7 +84,7 @@ def test_one_process_resumes_the_two_process_run_exactly(saved):
     torch.manual_seed(123)  # other initial weights: everything must come from the checkpoint
     model = GPT(CFG)
     opt = make_optimizer(model, CFG, verbose=False)
-    assert load_sharded(saved / "sharded", model, opt) == 1
+    assert load_sharded(saved / "checkpoint-1", model, opt) == 1
     x, y = after["batches"][2], after["batches"][3]  # the second step's global batch, both halves
     loss = model(x, y)[1]
     loss.backward()
@@ -96,15 +96,15 @@ def test_one_process_resumes_the_two_process_run_exactly(saved):
 
 
 def test_export_to_a_plain_checkpoint(saved, tmp_path):
-    path = export_plain(saved / "sharded", tmp_path / "exported")
+    path = export_plain(saved / "checkpoint-1", tmp_path / "exported")
     ck = load_checkpoint(path)
     assert ck.step == 1 and ck.config.world_size == 1
     model = GPT(CFG)
-    load_sharded(saved / "sharded", model)
+    load_sharded(saved / "checkpoint-1", model)
     for name, value in model.state_dict().items():
         assert torch.equal(ck.model_state[name], value), name
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a sharded checkpoint"):
-        load_sharded(tmp_path, GPT(CFG))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_sharded(tmp_path / "checkpoint-3", GPT(CFG))
