@@ -1,4 +1,4 @@
-"""Command line: train a model, or sample text from a checkpoint.
+"""Command line: train, sample, generate, export to Hugging Face, and grade a class.
 
 The design's commands, run from the repository root::
 

@@ -283,7 +283,7 @@ class Trainer:
         return resume.training_state(self)
 
     def save_checkpoint(self, state: dict[str, Any] | None = None) -> Path | None:
-        """Write ``output_dir/checkpoint-{step}`` (rank 0; other ranks wait) and return its path."""
+        """Write ``output_dir/checkpoint-{step}`` (all ranks take part: :func:`minilm.resume.save`); return its path."""
         path = resume.save(self, state)
         self._saved_step = self.step
         if path is not None:
