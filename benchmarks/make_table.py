@@ -616,10 +616,22 @@ def render_throughput(record: dict) -> str:
         "",
         f"torch {m['torch']}, {m['date']}, {timer}. The same training step (forward, loss, backward, fused "
         "AdamW, zero_grad) for each library at identical shapes and weights, runs alternating round by round; "
-        "tokens/s from the median step. minilm's default on this CPU is "
-        + ("bf16 autocast with its chunked loss." if m.get("cpu_native_bf16") else "fp32 (no native bf16).")
-        + " nanoGPT's and Hugging Face's default on a CPU is fp32. *minilm before* is minilm's bf16 step "
-        "without issue 17's levers (full logits through `F.cross_entropy`, attention kernel always fp32).",
+        "tokens/s from the median step. minilm runs its trainer's step (`minilm.step`, chunked loss). "
+        + (
+            "minilm's default on this CPU is bf16 autocast where the config asks for bf16 (small; tiny ships fp32)"
+            if m.get("cpu_native_bf16")
+            else "minilm's default on this CPU is fp32 (no native bf16)"
+        )
+        + ", compiled where a full run of the config would compile (`minilm.compile_policy`: small's 10,000 "
+        "steps, not tiny's 600; the warm-up is not timed). nanoGPT's and Hugging Face's default on a CPU is "
+        "fp32. *minilm before* is minilm's bf16 step without issue 17's levers (full logits through "
+        "`F.cross_entropy`, attention kernel always fp32)."
+        + (
+            " The allocator keeps freed memory for reuse (`minilm.step.keep_cpu_heap`, as minilm's trainer "
+            "sets it), process-wide: every library here ran with it."
+            if record.get("keep_cpu_heap")
+            else ""
+        ),
         "",
         "<!-- slow: a CPU benchmark, several minutes -->",
         "```bash",
@@ -629,7 +641,9 @@ def render_throughput(record: dict) -> str:
     ]
     for name, r in record["results"].items():
         runs = r["rows"]
-        lines += [f"**{name}** (batch {r['batch']} × seq {r['seq']}):", ""]
+        default = r.get("default")
+        said = f", minilm's default {default['precision']}: {default['reason']}" if default else ""
+        lines += [f"**{name}** (batch {r['batch']} × seq {r['seq']}{said}):", ""]
         # (no MFU column: a one-thread matmul peak timed by CPU time came out below what the model's
         # own matmuls reached, so a share of it would mislead; the script prints it for reference)
         lines += _table(
