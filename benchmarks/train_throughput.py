@@ -8,11 +8,17 @@ nanoGPT is not a dependency: give the path of its ``model.py`` (from github.com/
 and it joins as a peer, built at the same shapes and loaded with the same weights.
 
 Ratios printed (the targets of issue 17): minilm fp32 against nanoGPT fp32 and HF fp32 (>= 1.0x),
-and minilm's *default* precision against each library's default on a CPU, which is fp32 for
-both (nanoGPT's train.py uses autocast only on CUDA): >= 3x nanoGPT at the small config's shape
-on a CPU with native bf16. minilm's default there is bf16 autocast with its chunked loss
-(``minilm.precision``, ``minilm.loss``); on a CPU without native bf16 it is fp32, so the script
-says so and reports the fp32 ratios only. "minilm bf16 before" is the bf16 step without this
+and minilm's *default* against each library's default on a CPU, which is fp32 for both
+(nanoGPT's train.py uses autocast only on CUDA): >= 3x nanoGPT at the small config's shape on a
+CPU with native bf16. minilm's default is what its trainer runs for a full run of the shipped
+config on this CPU: the config's precision (``minilm.precision``: bf16 autocast for small where
+the CPU has native bf16; tiny ships fp32), compiled where ``minilm.compile_policy`` says the
+warm-up pays (small's 10,000 steps: yes, timed after an untimed warm-up; tiny's 600: no). The
+header line of each config says which. On a CPU without native bf16 the script says so and
+reports the fp32 ratios only. minilm's steps run its trainer's own step (``minilm.step``: chunked
+loss; on a CPU the allocator keeps freed memory, ``minilm.step.keep_cpu_heap``, process-wide, so
+nanoGPT and Hugging Face run with it too; ``--no-keep-heap`` in another process measures without).
+"minilm bf16 before" is the bf16 step without this
 issue's levers (full (B, T, V) logits through F.cross_entropy, attention kernel always in
 fp32): the difference is what they bought. The profile's top non-matmul operators (self CPU
 time, ``torch.profiler``) are printed for nanoGPT fp32 and minilm's step before and after.
