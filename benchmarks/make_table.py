@@ -647,10 +647,17 @@ def render_throughput(record: dict) -> str:
         # (no MFU column: a one-thread matmul peak timed by CPU time came out below what the model's
         # own matmuls reached, so a share of it would mislead; the script prints it for reference)
         lines += _table(
-            ["run", "tokens/s", "ms per step"],
-            [[k, f"{v['tps']:,.0f}", f"{v['median_ms']:,.0f}"] for k, v in runs.items()],
-            "lrr",
+            ["run", "tokens/s", "ms per step", "best step ms"],
+            [[k, f"{v['tps']:,.0f}", f"{v['median_ms']:,.0f}", f"{v['ms']:,.0f}"] for k, v in runs.items()],
+            "lrrr",
         )
+        spread = max(v["median_ms"] / v["ms"] for v in runs.values()) - 1
+        lines += [
+            "",
+            f"The median step of a run was up to {spread:.0%} slower than its best step: how much the other "
+            "programs on the machine disturbed the timing (ratios within about that much of 1 are not a measured "
+            "difference).",
+        ]
         lines.append("")
         lines += _table(
             ["ratio of tokens/s", "median steps", "best steps"],
