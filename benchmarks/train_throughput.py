@@ -8,11 +8,17 @@ nanoGPT is not a dependency: give the path of its ``model.py`` (from github.com/
 and it joins as a peer, built at the same shapes and loaded with the same weights.
 
 Ratios printed (the targets of issue 17): minilm fp32 against nanoGPT fp32 and HF fp32 (>= 1.0x),
-and minilm's *default* precision against each library's default on a CPU, which is fp32 for
-both (nanoGPT's train.py uses autocast only on CUDA): >= 3x nanoGPT at the small config's shape
-on a CPU with native bf16. minilm's default there is bf16 autocast with its chunked loss
-(``minilm.precision``, ``minilm.loss``); on a CPU without native bf16 it is fp32, so the script
-says so and reports the fp32 ratios only. "minilm bf16 before" is the bf16 step without this
+and minilm's *default* against each library's default on a CPU, which is fp32 for both
+(nanoGPT's train.py uses autocast only on CUDA): >= 3x nanoGPT at the small config's shape on a
+CPU with native bf16. minilm's default is what its trainer runs for a full run of the shipped
+config on this CPU: the config's precision (``minilm.precision``: bf16 autocast for small where
+the CPU has native bf16; tiny ships fp32), compiled where ``minilm.compile_policy`` says the
+warm-up pays (small's 10,000 steps: yes, timed after an untimed warm-up; tiny's 600: no). The
+header line of each config says which. On a CPU without native bf16 the script says so and
+reports the fp32 ratios only. minilm's steps run its trainer's own step (``minilm.step``: chunked
+loss; on a CPU the allocator keeps freed memory, ``minilm.step.keep_cpu_heap``, process-wide, so
+nanoGPT and Hugging Face run with it too; ``--no-keep-heap`` in another process measures without).
+"minilm bf16 before" is the bf16 step without this
 issue's levers (full (B, T, V) logits through F.cross_entropy, attention kernel always in
 fp32): the difference is what they bought. The profile's top non-matmul operators (self CPU
 time, ``torch.profiler``) are printed for nanoGPT fp32 and minilm's step before and after.
@@ -69,12 +75,14 @@ for folder in (ROOT, ROOT / "benchmarks"):  # run from a checkout without instal
         sys.path.insert(0, str(folder))
 
 import minilm.attention  # noqa: E402
+import minilm.step  # noqa: E402
+from minilm.compile_policy import compile_decision  # noqa: E402
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.flops import flops_per_token  # noqa: E402
 from minilm.flops import mfu as model_flops_utilisation  # noqa: E402
 from minilm.model import GPT  # noqa: E402
 from minilm.optim import make_optimizer  # noqa: E402
-from minilm.precision import cpu_supports_bf16  # noqa: E402
+from minilm.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
 
@@ -100,10 +108,37 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, clock: 
 # ---------------------------------------------------------------------------------------
 # Models and steps
 # ---------------------------------------------------------------------------------------
+def shipped_config(name: str) -> Config:
+    """The named training config as shipped (configs/training/NAME_model.json)."""
+    return load_config(ROOT / "configs" / "training" / f"{name}_model.json", check_estimate=False)
+
+
 def bench_config(name: str, batch: int, seq: int) -> Config:
     """The named training config at the benchmark's sequence length, without dropout."""
-    cfg = load_config(ROOT / "configs" / "training" / f"{name}_model.json", check_estimate=False)
-    return cfg.replace(max_seq_len=seq, batch_size=batch, dropout=0.0, attention="sdpa")
+    return shipped_config(name).replace(max_seq_len=seq, batch_size=batch, dropout=0.0, attention="sdpa")
+
+
+@dataclass
+class Default:
+    """How the trainer runs the shipped config on this CPU: its autocast precision and whether it compiles."""
+
+    precision: str  # "bf16" or "fp32"
+    compile: bool
+    reason: str  # minilm.compile_policy's words for the run header
+
+    @property
+    def label(self) -> str:
+        return self.precision + (" compiled" if self.compile else "")
+
+
+def trainer_default(name: str) -> Default:
+    """The default of a full run of the shipped config on this CPU (minilm.precision, minilm.compile_policy):
+    a long run (small's 10,000 steps) compiles, a lesson-sized one (tiny's 600) stays eager."""
+    cfg = shipped_config(name)
+    cpu = torch.device("cpu")
+    dtype = autocast_dtype(cfg, cpu)
+    pays, reason = compile_decision(cfg, cpu, flops_per_token(cfg))
+    return Default("bf16" if dtype == torch.bfloat16 else "fp32", pays, reason)
 
 
 def build_pair(cfg: Config) -> tuple[GPT, torch.nn.Module]:
@@ -196,8 +231,20 @@ def make_step(
 ) -> Callable:
     """One full training step (forward, loss, backward, AdamW, zero_grad) -> loss as a float.
 
-    ``before``: minilm without issue 17's levers (full logits, attention kernel always fp32).
+    minilm's GPT (or its torch.compile wrapper) runs the trainer's own step, :mod:`minilm.step`
+    (chunked loss); nanoGPT and Hugging Face the usual loop. ``before``: minilm without issue
+    17's levers (full logits, attention kernel always fp32), in the usual loop.
     """
+    if isinstance(getattr(model, "_orig_mod", model), GPT) and not before:
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+        def trainer_step(x: torch.Tensor, y: torch.Tensor) -> float:
+            ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+            loss = minilm.step.accumulate_gradients(model, [(x, y)], ctx, scaler, chunked_loss=True)
+            minilm.step.optimizer_step(opt, scaler)
+            return loss.item()
+
+        return trainer_step
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
@@ -326,6 +373,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmuls that measure the peak")
     p.add_argument("--cache-dir", help="token cache for the loss curves (default: minilm.data.default_cache_dir())")
     p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="time minilm's default eager even where a full run of the config would compile (quick looks)",
+    )
+    p.add_argument(
+        "--no-keep-heap",
+        action="store_true",
+        help="leave glibc's allocator at its defaults (minilm's trainer keeps freed CPU memory for reuse: "
+        "minilm.step.keep_cpu_heap); to measure what that lever buys, in a separate process",
+    )
+    p.add_argument(
         "--save",
         nargs="?",
         const=str(ROOT / "benchmarks" / "results" / "throughput"),
@@ -363,6 +421,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     native = cpu_supports_bf16()
     print(f"torch {torch.__version__}, {args.threads} thread(s), timed by {args.timer} clock")
     print(f"CPU: {cpu_kind()}")
+    if args.no_keep_heap:
+        minilm.step.keep_cpu_heap = lambda: False  # the trainer's step asks this module-level function
+        kept = False
+    else:
+        kept = minilm.step.keep_cpu_heap()
+    print(
+        "allocator: "
+        + (
+            "glibc keeps freed memory for reuse (minilm.step.keep_cpu_heap, as minilm's trainer sets it; "
+            "process-wide, so every library here runs with it)"
+            if kept
+            else "the C library's defaults (freed large blocks go back to the kernel and fault in again)"
+        )
+    )
     if not native:
         print(
             "this CPU has no native bf16 matmul: minilm's default here is fp32 (emulated bf16 would be several "
@@ -380,6 +452,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name in args.configs:
         batch, seq = SHAPES[name]
         cfg = bench_config(name, args.batch or batch, args.seq or seq)
+        default = trainer_default(name)
+        if args.no_compile and default.compile:
+            default = Default(default.precision, False, "eager: --no-compile")
+        print(f"\n{name}: minilm's default on this CPU is {default.precision}, {default.reason}")
         B, T = cfg.batch_size, cfg.max_seq_len
         ours, hf = build_pair(cfg)
         theirs = load_nanogpt(args.nanogpt, cfg, ours) if args.nanogpt else None
@@ -407,6 +483,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                     make_step(ours, make_optimizer(ours, cfg, verbose=False), torch.bfloat16, True),
                 )
             )
+        if default.compile:  # as a full run of this config trains: compiled (the warm-up is not timed)
+            dtype = torch.bfloat16 if default.precision == "bf16" else None
+            compiled = make_step(torch.compile(ours), make_optimizer(ours, cfg, verbose=False), dtype)
+            start, wall = clock(), time.perf_counter()
+            for _ in range(2):  # the first call compiles; the second catches a recompile
+                compiled(x, y)
+            print(
+                f"   torch.compile warm-up: {clock() - start:.1f} s by the {args.timer} clock, "
+                f"{time.perf_counter() - wall:.1f} s wall (C++ compiler included; its cache may be warm)"
+            )
+            runs.append(Run("minilm compiled", default.precision, compiled))
         time_runs(runs, x, y, args.rounds, args.steps, args.warmup, clock)
 
         print(
@@ -422,20 +509,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             rows[f"{r.model} {r.precision}"] = {"ms": r.best * 1e3, "median_ms": r.median * 1e3, "tps": tps, "mfu": mfu}
             print(f"   {r.model:<14} {r.precision:<5} {r.best * 1e3:12.1f} {r.median * 1e3:8.1f} {tps:9.0f} {mfu:6.1%}")
         by = {(r.model, r.precision): r for r in runs}
-        default = by[("minilm", "bf16" if native else "fp32")]
+        ours_default = by[("minilm compiled" if default.compile else "minilm", default.precision)]
+        label = f"minilm default ({default.label})"
         pairs = {  # name -> (faster candidate, baseline, target or None)
             "minilm fp32 / HF fp32": (by[("minilm", "fp32")], by[("HF GPT-2", "fp32")], 1.0),
         }
         if theirs is not None:
             pairs["minilm fp32 / nanoGPT fp32"] = (by[("minilm", "fp32")], by[("nanoGPT", "fp32")], 1.0)
         if native:
-            pairs["minilm default (bf16) / HF default (fp32)"] = (default, by[("HF GPT-2", "fp32")], None)
+            pairs[f"{label} / HF default (fp32)"] = (ours_default, by[("HF GPT-2", "fp32")], None)
             if theirs is not None:
                 target = 3.0 if name == "small" else None
-                pairs["minilm default (bf16) / nanoGPT default (fp32)"] = (default, by[("nanoGPT", "fp32")], target)
-                pairs["minilm bf16 / nanoGPT bf16"] = (default, by[("nanoGPT", "bf16")], None)
-            pairs["minilm bf16 / minilm bf16 before"] = (default, by[("minilm before", "bf16")], None)
-            pairs["minilm bf16 / minilm fp32"] = (default, by[("minilm", "fp32")], None)
+                pairs[f"{label} / nanoGPT default (fp32)"] = (ours_default, by[("nanoGPT", "fp32")], target)
+            bf16 = by[("minilm", "bf16")]
+            if theirs is not None:
+                pairs["minilm bf16 / nanoGPT bf16"] = (bf16, by[("nanoGPT", "bf16")], None)
+            pairs["minilm bf16 / minilm bf16 before"] = (bf16, by[("minilm before", "bf16")], None)
+            pairs["minilm bf16 / minilm fp32"] = (bf16, by[("minilm", "fp32")], None)
+            if default.compile:
+                pairs[f"minilm {default.label} / minilm {default.precision} eager"] = (
+                    ours_default,
+                    by[("minilm", default.precision)],
+                    None,
+                )
         ratios, best_ratios = {}, {}
         print("   ratios of tokens/s (from the medians; from the best steps in brackets):")
         for k, (run, base, target) in pairs.items():
@@ -446,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[name] = {
             "batch": B,
             "seq": T,
+            "default": {"precision": default.precision, "compile": default.compile, "reason": default.reason},
             "rows": rows,
             "ratios": ratios,
             "best_ratios": best_ratios,
@@ -506,6 +603,7 @@ def save_record(results: dict, args: argparse.Namespace, peak: dict[str, float])
         "timer": args.timer,
         "threads": args.threads,
         "matmul_peak_flops": peak,
+        "keep_cpu_heap": not args.no_keep_heap,
         "results": results,
     }
     folder = Path(args.save)

@@ -68,11 +68,14 @@ def _chunk(
     share: torch.Tensor,
     grad_h_c: torch.Tensor | None,
     grad_w: torch.Tensor | None,
+    first: bool = False,
 ) -> torch.Tensor:
     """One chunk of n positions: its part of the mean loss; adds its gradients when grad_h_c is given.
 
     h_c (n, C) in the matmul dtype, w (V, C) likewise, t_c (n, 1) target ids, share (n, 1) each
-    position's weight in the mean. Its (n, V) temporaries die when it returns.
+    position's weight in the mean. Its (n, V) temporaries die when it returns. ``first``: grad_w
+    is uninitialised memory, which this chunk's product overwrites rather than adds to (the same
+    numbers as zeros plus it, without a pass that writes the zeros and one that reads them).
     """
     logits = (h_c @ w.t()).float()  # (n, V) fp32: one chunk's logits
     target_logit = logits.gather(1, t_c)  # (n, 1)
@@ -85,7 +88,10 @@ def _chunk(
         dlogits = probs.mul_(share / total).scatter_add_(1, t_c, -share).to(w.dtype)
         grad_h_c.copy_(dlogits @ w)  # (n, C)
         if w.dtype == torch.float32:
-            torch.addmm(grad_w, dlogits.t(), h_c, out=grad_w)  # (V, C) summed in place (FLOP counters see out=)
+            # (V, C) summed in place (FLOP counters see out=); beta=0 ignores the uninitialised grad_w
+            torch.addmm(grad_w, dlogits.t(), h_c, beta=0 if first else 1, out=grad_w)
+        elif first:
+            grad_w.copy_(dlogits.t() @ h_c)  # a bf16 product, to fp32
         else:
             grad_w += dlogits.t() @ h_c  # a bf16 product, summed over the chunks in fp32
     return loss
@@ -103,12 +109,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             per_row = (valid / valid.sum())[:, None]  # (N, 1) each position's share of the mean (nan if none)
             safe_targets = targets.masked_fill(~valid, 0)[:, None]  # (N, 1) ignored rows: any id, weight 0
             grad_h = torch.empty_like(h) if needs_grad else None  # (N, C)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None  # (V, C)
+            grad_w = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None  # (V, C), see first
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, h.shape[0], rows):
                 rows_c = slice(start, start + rows)
                 grad_h_c = grad_h[rows_c] if needs_grad else None
-                loss += _chunk(h[rows_c].to(dtype), w, safe_targets[rows_c], per_row[rows_c], grad_h_c, grad_w)
+                loss += _chunk(
+                    h[rows_c].to(dtype), w, safe_targets[rows_c], per_row[rows_c], grad_h_c, grad_w, start == 0
+                )
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
         return loss
@@ -117,7 +125,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
         grad_h, grad_w = ctx.saved_tensors  # d loss / d h and d loss / d weight, for a loss gradient of 1
         # In place: nothing else holds them (a second backward through the same graph is an error,
-        # which autograd reports because the saved tensors changed).
-        grad_h = grad_h.mul_(grad_loss) if ctx.needs_input_grad[0] else None
-        grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
+        # which autograd reports because the saved tensors changed). A plain loss.backward() on a
+        # CPU passes exactly 1: then the scaling is skipped (two passes over (N, C) and (V, C)).
+        # (Not while torch.compile traces: the test reads a tensor's value, which would break its graph.)
+        eager_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not (eager_cpu and not grad_loss.requires_grad and bool(grad_loss == 1)):
+            grad_h = grad_h.mul_(grad_loss) if ctx.needs_input_grad[0] else None
+            grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
+        grad_h = grad_h if ctx.needs_input_grad[0] else None
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None

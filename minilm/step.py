@@ -11,10 +11,17 @@ estimate, so the estimate is validated against the step that trains, not a copy 
 
 The trainer checks the loss and the norm between 2 and 3, so a non-finite step never
 changes the weights.
+
+On a CPU, :func:`accumulate_gradients` first calls :func:`keep_cpu_heap` (once per process):
+glibc's allocator otherwise hands the step's large temporaries back to the kernel when they
+die and page-faults them in afresh on the next step.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
@@ -26,6 +33,36 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def _no_phase(phase: str) -> None:
     pass
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_cpu_heap sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+CPU_MMAP_THRESHOLD = 256 * 2**20  # bytes: blocks up to this come from the reusable heap, not fresh mmaps
+CPU_TRIM_THRESHOLD = 2**30  # bytes of free heap top kept rather than returned to the kernel
+
+
+@functools.cache
+def keep_cpu_heap() -> bool:
+    """Keep freed CPU tensor memory in the process's heap, so the next step reuses it (glibc only).
+
+    Each training step allocates and frees the same large temporaries (autocast's bf16 weight
+    copies, activations, the loss's chunk of logits). glibc's defaults serve blocks above a
+    sliding threshold (at most 32 MiB) with fresh ``mmap`` calls and return free heap tops to
+    the kernel, so the next step page-faults the same memory in again, zero-filled by the
+    kernel. Measured on the small config at batch 4 x 256 in bf16 (one thread, 2-core Xeon with
+    AMX): ~75,000 page faults and ~200 ms of system time per ~1.2 s step; with this, none.
+    The price: memory freed after the peak stays with the process (its resident size stays
+    near the peak instead of shrinking between steps). Process-wide; applied once; returns
+    whether glibc accepted both settings (False on other C libraries, which are left alone).
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another C library: nothing to tune
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, CPU_TRIM_THRESHOLD))
 
 
 def accumulate_gradients(
@@ -51,6 +88,8 @@ def accumulate_gradients(
     device (reading it is a host synchronisation, left to the caller).
     """
     k = len(micro_batches)
+    if micro_batches[0][0].device.type == "cpu":
+        keep_cpu_heap()
     total = torch.zeros((), device=micro_batches[0][0].device)
     logits = None  # with keep_logits, like a user's variable: alive until the next forward replaces it
     for i, (x, y) in enumerate(micro_batches):

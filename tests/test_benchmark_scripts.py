@@ -124,9 +124,12 @@ def test_train_throughput_reports_ratios_profiles_and_loss_curves(tmp_path, caps
     assert tiny["first_loss"]["minilm"] == pytest.approx(tiny["first_loss"]["HF GPT-2"], abs=1e-4)
     assert tiny["first_loss"]["minilm"] == pytest.approx(tiny["first_loss"]["nanoGPT"], abs=1e-4)
     fp32 = {"minilm fp32 / HF fp32", "minilm fp32 / nanoGPT fp32"}
+    # tiny ships fp32 and is too short a run to compile: its default is fp32 eager on any CPU
+    assert tiny["default"] == {"precision": "fp32", "compile": False, "reason": tiny["default"]["reason"]}
+    assert tiny["default"]["reason"].startswith("eager: ")
     default = {
-        "minilm default (bf16) / HF default (fp32)",
-        "minilm default (bf16) / nanoGPT default (fp32)",
+        "minilm default (fp32) / HF default (fp32)",
+        "minilm default (fp32) / nanoGPT default (fp32)",
         "minilm bf16 / nanoGPT bf16",
         "minilm bf16 / minilm bf16 before",
         "minilm bf16 / minilm fp32",
@@ -140,6 +143,7 @@ def test_train_throughput_reports_ratios_profiles_and_loss_curves(tmp_path, caps
         assert rows[0][0] == "(all matmuls)" and all(op not in ("mm", "addmm") for op, _, _ in rows[1:])
     out = capsys.readouterr().out
     assert "CPU: " in out and ("native bf16" in out)
+    assert "tiny: minilm's default on this CPU is fp32, eager: " in out and "allocator: " in out
     assert "target >= 1.0x" in out and "top non-matmul operators" in out
     if native:
         assert len(tiny["curves"]["fp32"]) == len(tiny["curves"]["bf16"]) == 3 and "max |fp32 - bf16|" in out
@@ -158,3 +162,15 @@ def test_train_throughput_without_nanogpt_or_native_bf16_reports_fp32_against_hu
     assert "curves" not in results["tiny"] and "profiles" not in results["tiny"]
     out = capsys.readouterr().out
     assert "no native bf16" in out and "only the fp32 ratios" in out
+
+
+def test_train_throughput_default_follows_the_trainer_precision_and_compile_policy():
+    """small (bf16, 10,000 steps) runs bf16 where the CPU has it and compiles; tiny (fp32, 600 steps) neither."""
+    from minilm.precision import cpu_supports_bf16
+
+    bench = load("train_throughput")
+    small, tiny = bench.trainer_default("small"), bench.trainer_default("tiny")
+    assert small.compile and small.reason.startswith("torch.compile: ")
+    assert small.precision == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert small.label == small.precision + " compiled"
+    assert (tiny.precision, tiny.compile, tiny.label) == ("fp32", False, "fp32")

@@ -188,3 +188,27 @@ def test_cpu_records_say_whether_bf16_was_native(make_table):
     for info, words in ((native, "native bf16"), (emulated, "no native bf16 (bf16 runs fp32)")):
         text = make_table.render_measured({"machine": {**machine, **info}, "device": "cpu", "results": []})
         assert text.splitlines()[0].endswith(words)
+
+
+def test_throughput_summary_has_one_row_per_cpu_kind_and_config(make_table):
+    """The per-CPU-kind table reads the ratios from the records: fp32 and minilm's default against each peer."""
+    ratios = {
+        "minilm fp32 / HF fp32": 1.02,
+        "minilm fp32 / nanoGPT fp32": 1.19,
+        "minilm default (bf16 compiled) / HF default (fp32)": 2.56,
+        "minilm default (bf16 compiled) / nanoGPT default (fp32)": 2.97,
+    }
+    record = {
+        "machine": {"cpu": "Xeon", "cpu_kind": "Xeon, native bf16 (AMX)"},
+        "results": {
+            "small": {"batch": 4, "seq": 256, "ratios": ratios, "default": {"precision": "bf16", "compile": True}},
+            "tiny": {"batch": 32, "seq": 128, "ratios": {"minilm fp32 / HF fp32": 1.01}},
+        },
+    }
+    lines = make_table.render_throughput_summary([record]).splitlines()
+    table = [line for line in lines if line.startswith("| Xeon")]
+    assert table == [
+        "| Xeon, native bf16 (AMX) | small (4 × 256) | 1.19× | 1.02× | bf16 compiled | 2.97× | 2.56× |",
+        "| Xeon, native bf16 (AMX) | tiny (32 × 128) | – | 1.01× | fp32 | – | – |",
+    ]
+    assert make_table.render_throughput_summary([]) == ""

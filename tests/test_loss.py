@@ -67,11 +67,21 @@ def test_no_grad_gives_the_loss_alone_and_all_ignored_is_nan():
         assert math.isnan(linear_cross_entropy(h, w, torch.full_like(t, -1)).item())
 
 
-def test_second_backward_through_the_same_graph_is_an_error():
+def test_second_backward_through_the_same_graph_is_right_or_an_error():
+    # A loss gradient of exactly 1 (plain loss.backward() on a CPU) leaves the saved gradients as
+    # they are, so a second backward gives the same gradients again; any other scale is applied
+    # in place, after which reading them again is an error rather than a wrong gradient.
     h, w, t = inputs()
     w.requires_grad_()
     loss = linear_cross_entropy(h, w, t)
     loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    w.grad = None
+    loss.backward(retain_graph=True)
+    assert torch.equal(w.grad, first)
+    w.grad = None
+    (loss / 4).backward(retain_graph=True)
+    assert torch.equal(w.grad, first / 4)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
