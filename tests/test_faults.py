@@ -34,7 +34,7 @@ from minilm.checkpoint import (
     save_checkpoint,
 )
 from minilm.cli import main
-from minilm.runs import LOCK_FILE, read_metrics
+from minilm.runs import LOCK_FILE, RunLock, read_metrics
 from minilm.tokenizer import CharTokenizer
 
 pytestmark = [
@@ -215,7 +215,7 @@ def test_random_kills_during_training_then_resume_reach_the_uninterrupted_weight
 
     rng = random.Random(11)
     out = tmp_path / "run"
-    kills, runs, last_step, in_save = 0, 0, 0, 0
+    kills, runs, last_step, in_save, last_killed = 0, 0, 0, 0, False
     while kills < 10 or not (out / "checkpoint-30").exists():
         latest, skipped = find_latest_checkpoint(out)
         assert skipped == [], skipped  # a kill never leaves a checkpoint-N that fails to verify
@@ -234,14 +234,20 @@ def test_random_kills_during_training_then_resume_reach_the_uninterrupted_weight
             code = in_child(lambda argv=argv: quiet_main(argv), rng.uniform(0.05, 0.6) * duration)
             assert code in (0, -signal.SIGKILL), f"run {runs} ({argv[-2:]}) exited {code}"
             kills += code == -signal.SIGKILL
+            last_killed = code == -signal.SIGKILL
             if code == -signal.SIGKILL:  # where the kill landed: inside a save when its temporary folder is there
                 in_save += any(p.name.startswith((".tmp-", ".old-", ".trash-")) for p in out.iterdir())
         else:
             assert in_child(lambda argv=argv: quiet_main(argv)) == 0
+            last_killed = False
     final = load_checkpoint(out / "checkpoint-30")
     for name, value in reference.model_state.items():
         assert torch.equal(final.model_state[name], value), name
     assert current_line(out) == current_line(ref)  # the log is the current run's line, every step once
+    if last_killed:  # the tenth kill landed after the last save: its lock stays behind, stale
+        lock, notes = RunLock(out), []
+        lock.acquire(log=notes.append)  # the next run takes it over (a live holder would raise RunError)
+        lock.release()
     assert not (out / LOCK_FILE).exists()
     print(f"{kills} kills in {runs} runs, {in_save} of them inside a save; reference run {duration:.2f} s")
 
