@@ -45,8 +45,8 @@ Like with like:
 
 MFU (model FLOPs utilisation) = training FLOPs per step / step time / peak, where the peak is
 measured on the spot: the best rate of a large torch.matmul in fp32, and in bf16 for the bf16
-runs. FLOPs per token come from ``minilm.flops`` when it is installed, else from the usual
-6·N + 12·L·T·d estimate (N = parameters in matmuls, attention over the full T x T square).
+runs. FLOPs per token come from ``minilm.flops`` (the closed form that equals torch's
+FlopCounterMode), the same count for every library: they all run the same shape.
 
 Targets (issue 17): minilm fp32 >= 1.0x nanoGPT fp32 and >= 1.0x Hugging Face fp32 at tiny and
 small; on a CPU with native bf16, minilm's default >= 3x nanoGPT's default (fp32) at small, with
