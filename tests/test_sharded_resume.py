@@ -56,16 +56,8 @@ def losses(run: Path) -> dict[int, float]:
 def runs(tmp_path_factory, micro_config):
     """(scratch folder, child env, 4-process run, 2-process run resumed from its step 2, its stdout)."""
     tmp = tmp_path_factory.mktemp("sharded_resume")
-    cfg = micro_config(
-        tmp / "unused",
-        dropout=0.0,
-        batch_size=1,
-        grad_accumulation_steps=2,
-        max_steps=6,
-        warmup_steps=1,
-        eval_steps=2,
-        save_steps=2,
-    )
+    schedule = {"max_steps": 6, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2}
+    cfg = micro_config(tmp / "unused", dropout=0.0, batch_size=1, grad_accumulation_steps=2, **schedule)
     cfg.save(tmp / "micro.json")
     (tmp / "cli.py").write_text(CLI)
     env = dict(os.environ, MINILM_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
