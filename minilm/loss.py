@@ -129,9 +129,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # CPU passes exactly 1: then the scaling is skipped (two passes over (N, C) and (V, C)).
         # (Not while torch.compile traces: the test reads a tensor's value, which would break its graph.)
         eager_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
-        if not (eager_cpu and not grad_loss.requires_grad and bool(grad_loss == 1)):
-            grad_h = grad_h.mul_(grad_loss) if ctx.needs_input_grad[0] else None
-            grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
-        grad_h = grad_h if ctx.needs_input_grad[0] else None
-        grad_w = grad_w if ctx.needs_input_grad[1] else None
+        unit = eager_cpu and not grad_loss.requires_grad and bool(grad_loss == 1)
+        grad_h = (grad_h if unit else grad_h.mul_(grad_loss)) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_w if unit else grad_w.mul_(grad_loss)) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None

@@ -74,13 +74,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from minilm import attention
 from minilm.config import Config
-from minilm.counting import count_parameters, decay_split, parameter_shapes
+from minilm.counting import count_parameters, parameter_shapes
 from minilm.loss import chunk_rows
 
 GB = 1024**3  # memory sizes are binary: 1 GiB, what nvidia-smi and torch.cuda report
@@ -317,7 +318,16 @@ def chunked_loss_bytes(cfg: Config, tokens: int) -> dict[str, int]:
 
 
 def optimizer_temporaries(cfg: Config, impl: str = "foreach") -> int:
-    """Peak scratch bytes inside ``AdamW.step()`` for fp32 parameters.
+    """Peak scratch bytes inside ``AdamW.step()`` for ``cfg``'s fp32 parameters (:func:`adamw_temporaries`)."""
+    groups = [
+        [math.prod(shape) for _, shape in parameter_shapes(cfg) if (len(shape) >= 2) == is_matrix]
+        for is_matrix in (True, False)  # AdamW's two groups, in named_parameters() order
+    ]
+    return adamw_temporaries(groups, impl)
+
+
+def adamw_temporaries(groups: Sequence[Sequence[int]], impl: str = "foreach") -> int:
+    """Peak scratch bytes inside ``AdamW.step()`` over fp32 ``groups`` (tensor sizes in elements, in step order).
 
     foreach: ``sqrt(exp_avg_sq)`` for a whole parameter group at once (4 bytes per parameter
     of the larger group: matrices, which get weight decay, or vectors). for-loop: one
@@ -327,15 +337,11 @@ def optimizer_temporaries(cfg: Config, impl: str = "foreach") -> int:
     if impl == "fused":
         return 0
     if impl == "foreach":
-        return 4 * max(decay_split(cfg))
+        return 4 * max(sum(g) for g in groups)
     if impl != "for-loop":
         raise ValueError(f"optimizer must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
-    worst = 0
-    for is_matrix in (True, False):  # the loop runs per group, in named_parameters() order
-        sizes = [math.prod(shape) for _, shape in parameter_shapes(cfg) if (len(shape) >= 2) == is_matrix]
-        for prev, cur in zip([0] + sizes[:-1], sizes, strict=True):
-            worst = max(worst, 4 * (prev + 2 * cur))
-    return worst
+    pairs = [(prev, cur) for g in groups for prev, cur in zip([0, *g[:-1]], g, strict=True)]
+    return max((4 * (prev + 2 * cur) for prev, cur in pairs), default=0)
 
 
 # Device types whose estimate is checked against measured steps (tests/test_memory.py, minilm.measure).

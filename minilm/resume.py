@@ -52,35 +52,21 @@ def data_position(tr: Trainer) -> dict[str, Any]:
 
 def save(tr: Trainer, state: dict[str, Any] | None = None) -> Path | None:
     """Write ``output_dir/checkpoint-{step}`` (rank 0, or each rank its shard; all take part); its path on rank 0."""
-    path = None
     tr.stale_steps.discard(tr.step)  # written again now: part of this run
+    # Collective under FSDP (the optimizer state is gathered unless sharded): every rank computes it.
+    contents = {
+        "training_state": state or training_state(tr),
+        "config": tr.cfg,
+        "tokenizer": tr.tokenizer,
+        "save_total_limit": tr.cfg.save_total_limit,
+        "stale_steps": tr.stale_steps,
+    }
     if writes_shards(tr):
-        path = sharded.save_sharded(
-            tr.output_dir,
-            tr.step,
-            tr.raw_model,
-            tr.optimizer,
-            training_state=state or training_state(tr),
-            config=tr.cfg,
-            tokenizer=tr.tokenizer,
-            save_total_limit=tr.cfg.save_total_limit,
-            stale_steps=tr.stale_steps,
-        )
+        path = sharded.save_sharded(tr.output_dir, tr.step, tr.raw_model, tr.optimizer, **contents)
         return path if tr.is_main else None
-    # FSDP: gathering the whole state is collective, so every rank takes part; rank 0 writes.
+    # FSDP: gathering the whole model is collective too; rank 0 writes.
     model_state = dist_utils.full_model_state(tr.raw_model)
-    state = state or training_state(tr)
-    if tr.is_main:
-        path = ckpt_io.save_checkpoint(
-            tr.output_dir,
-            tr.step,
-            model_state=model_state,
-            training_state=state,
-            config=tr.cfg,
-            tokenizer=tr.tokenizer,
-            save_total_limit=tr.cfg.save_total_limit,
-            stale_steps=tr.stale_steps,
-        )
+    path = ckpt_io.save_checkpoint(tr.output_dir, tr.step, model_state=model_state, **contents) if tr.is_main else None
     dist_utils.barrier(tr.dist)
     return path
 

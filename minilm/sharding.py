@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 from minilm.config import Config
 from minilm.counting import count_parameters, parameter_shapes
-from minilm.memory import GB, MemoryEstimate, estimate_training_memory
+from minilm.memory import GB, MemoryEstimate, adamw_temporaries, estimate_training_memory
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 STRATEGY_NAMES = {
@@ -110,16 +110,6 @@ def zero1_partition(cfg: Config, world_size: int) -> list[tuple[list[int], list[
             share[r][group].append(numel)
             sizes[r] += numel
     return share
-
-
-def _local_optimizer_temporaries(groups: tuple[list[int], list[int]], impl: str) -> int:
-    """Scratch bytes of one rank's AdamW step over its groups, by :func:`minilm.memory.optimizer_temporaries`' rules."""
-    if impl == "fused":
-        return 0
-    if impl == "foreach":  # one group's sqrt(exp_avg_sq) at once
-        return 4 * max(sum(g) for g in groups)
-    pairs = [(prev, cur) for g in groups for prev, cur in zip([0] + g[:-1], g, strict=True)]
-    return max((4 * (prev + 2 * cur) for prev, cur in pairs), default=0)
 
 
 @dataclass(frozen=True)
@@ -195,7 +185,7 @@ def estimate_rank_memory(
         share = zero1_partition(cfg, W)
         mine = share[max(range(W), key=lambda r: sum(map(sum, share[r]))) if rank is None else rank]
         adam = 8 * sum(map(sum, mine))
-        tmp = _local_optimizer_temporaries(mine, optimizer)
+        tmp = adamw_temporaries(mine, optimizer)
         moments = {m: {**c, "optimizer state": adam} for m, c in base.moments.items()}
         moments["optimizer step"]["optimizer temporaries"] = tmp
         return RankMemory(strategy, W, _replace(base, moments, optimizer_state=adam, optimizer_temporaries=tmp))
