@@ -8,8 +8,6 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from tqdm.auto import tqdm
-
 
 class Stoppable(Protocol):
     _stop_reason: str | None
@@ -17,11 +15,12 @@ class Stoppable(Protocol):
     def request_stop(self, reason: str) -> None: ...
 
 
-def stop_on_signals(run: Stoppable, announce: bool = True) -> Callable[[], None]:
+def stop_on_signals(run: Stoppable, announce: Callable[[str], None] | None = print) -> Callable[[], None]:
     """Route SIGINT/SIGTERM to ``run.request_stop``; returns a function that restores the old handlers.
 
     A second SIGINT raises KeyboardInterrupt at once. Outside the main thread (a notebook
-    training in a thread) signals cannot be caught: nothing is installed.
+    training in a thread) signals cannot be caught: nothing is installed. ``announce`` prints the
+    notice of the first signal (None: stay silent).
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -34,8 +33,8 @@ def stop_on_signals(run: Stoppable, announce: bool = True) -> Callable[[], None]
         if run._stop_reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         run.request_stop(f"received {name}")
-        if announce:
-            tqdm.write(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again quits now)")
+        if announce is not None:
+            announce(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again quits now)")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 

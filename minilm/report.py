@@ -7,10 +7,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tqdm.auto import tqdm
+
 from minilm.counting import parameter_table
 
 if TYPE_CHECKING:
     from minilm.trainer import Trainer
+
+
+class NoBar:
+    """What a run without a progress bar updates instead of a disabled tqdm.
+
+    A tqdm bar, even a disabled one, takes tqdm's lock, which is shared with forked processes: a
+    process killed while holding it would block every other that writes through tqdm.
+    """
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+ProgressBar = tqdm | NoBar
+
+
+def progress_bar(enabled: bool, total: int, initial: int = 0) -> ProgressBar:
+    """A bar of optimizer steps: tqdm's (a widget in notebooks) when ``enabled``, else one touching no tqdm state."""
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if enabled else NoBar()
+
+
+def print_line(msg: str, progress: bool) -> None:
+    """Print a line; through tqdm (so that it lands above a live bar) only when bars are on."""
+    if progress:
+        tqdm.write(msg)
+    else:
+        print(msg, flush=True)
 
 
 @dataclass

@@ -11,16 +11,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
-from minilm import resume, runs
+from minilm import report, resume, runs
 from minilm import step as one_step
 from minilm.compile_policy import compile_decision
 from minilm.config import Config
@@ -214,7 +214,7 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.verbose:
-            tqdm.write(msg)
+            report.print_line(msg, self.progress)
 
     # -- the pieces of one step ---------------------------------------------------------
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -311,7 +311,7 @@ class Trainer:
         self.log(f"training steps {self.step} -> {cfg.max_steps}; metrics in {self.metrics_path}")
         self._fire("on_train_start", {"kind": "start", "step": self.step})
         restore = self._install_signal_handlers()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bar = report.progress_bar(self.progress, total=cfg.max_steps, initial=self.step)
         status, message = "completed", f"reached max_steps={cfg.max_steps}"
         self.last_loss: float | None = None
         self.last_eval = next((r for r in reversed(self.history) if r["kind"] == "eval"), None)  # after a resume
@@ -334,7 +334,7 @@ class Trainer:
             restore()
         return self._finish(status, message)
 
-    def _train_step(self, bar: tqdm) -> str | None:
+    def _train_step(self, bar: report.ProgressBar) -> str | None:
         """One optimizer step, logged; returns why it stopped the run (a non-finite value) or None."""
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -442,7 +442,8 @@ class Trainer:
     def _install_signal_handlers(self) -> Callable[[], None]:
         if not self.handle_signals:
             return lambda: None
-        return stop_on_signals(self, announce=self.is_main)
+        say = partial(report.print_line, progress=self.progress)
+        return stop_on_signals(self, announce=say if self.is_main else None)
 
 
 def train(cfg: Config, **kwargs: Any) -> TrainResult:

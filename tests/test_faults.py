@@ -5,6 +5,7 @@ Children are forked from this process (torch is already imported: a fork costs m
 fresh interpreter costs seconds), and killed with SIGKILL, which no handler can intercept.
 """
 
+import faulthandler
 import gzip
 import json
 import os
@@ -55,30 +56,35 @@ def private_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("MINILM_CACHE", str(tmp_path_factory.getbasetemp() / "fault-cache"))
 
 
-def in_child(fn, kill_after: float | None = None) -> int:
+def in_child(fn, kill_after: float | None = None, hang_after: float = 600.0) -> int:
     """Run ``fn()`` in a forked child and return its exit code (-9: killed).
 
-    With ``kill_after``, SIGKILL the child after that many seconds unless it finished first.
+    With ``kill_after``, SIGKILL the child after that many seconds unless it finished first. A child
+    still running after ``hang_after`` seconds has hung: its stacks are printed, it is killed, and the
+    test fails, rather than the whole suite waiting forever.
     """
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
         code = 1
         try:
+            # On a descriptor of its own: quiet_main sends fd 2 to /dev/null.
+            faulthandler.dump_traceback_later(hang_after - 5, file=os.fdopen(os.dup(2), "w"))
             code = fn() or 0
         except BaseException:
             traceback.print_exc()
         finally:
             os._exit(code)
-    if kill_after is not None:
-        deadline = time.monotonic() + kill_after
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return os.waitstatus_to_exitcode(status)
-            time.sleep(0.002)
-        os.kill(pid, signal.SIGKILL)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    deadline = time.monotonic() + (hang_after if kill_after is None else min(kill_after, hang_after))
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    assert kill_after is not None and kill_after <= hang_after, f"the child hung: running after {hang_after:.0f} s"
+    return code
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,6 +256,22 @@ def test_random_kills_during_training_then_resume_reach_the_uninterrupted_weight
         lock.release()
     assert not (out / LOCK_FILE).exists()
     print(f"{kills} kills in {runs} runs, {in_save} of them inside a save; reference run {duration:.2f} s")
+
+
+def test_a_run_without_a_progress_bar_never_takes_tqdms_lock(tmp_path, micro_config, monkeypatch):
+    """tqdm's lock is a semaphore shared with forked processes: a child killed while holding it blocks
+    every later process that writes through tqdm, forever (this hung the kill test above in CI). With
+    progress off, a run never takes it, not even for a disabled bar or a log line."""
+    from tqdm import std
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tqdm's lock was taken")
+
+    monkeypatch.setattr(std.TqdmDefaultWriteLock, "acquire", refuse)
+    cfg = micro_config(tmp_path / "out", max_steps=3, warmup_steps=1, eval_steps=2, save_steps=2)
+    config = tmp_path / "micro.json"
+    cfg.save(config)
+    assert main(train_args(config, tmp_path / "out")) == 0
 
 
 # ---------------------------------------------------------------------------------------
