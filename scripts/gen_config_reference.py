@@ -126,8 +126,7 @@ INTERACTIONS: list[tuple[str, tuple[str, ...], str]] = [
         "`attention: sdpa` calls the fused `scaled_dot_product_attention` kernel, which never stores the "
         "`(seq × seq)` score matrix when a flash or memory-efficient kernel is used; `manual` writes the "
         "softmax out in einops for reading and stores it. On CPU, SDPA with `dropout > 0` falls back to "
-        "the math path, which stores the scores again; and under bf16 autocast, sequences up to 4 × the "
-        "head size run the `manual` path, which is faster there (`minilm.attention.cpu_autocast_kernel`).",
+        "the math path, which stores the scores again.",
     ),
     (
         "Vocabulary and tokenizer",
