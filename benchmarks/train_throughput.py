@@ -248,15 +248,15 @@ def make_step(
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
-        rule = minilm.attention.SDPA_BF16_MIN_T_D2, minilm.attention.MANUAL_MAX_T_PER_D
-        if before:  # SDPA in fp32 at every length
-            minilm.attention.SDPA_BF16_MIN_T_D2, minilm.attention.MANUAL_MAX_T_PER_D = float("inf"), 0
+        threshold = minilm.attention.SDPA_BF16_MIN_T_D2
+        if before:
+            minilm.attention.SDPA_BF16_MIN_T_D2 = float("inf")
         try:
             with ctx:
                 loss = loss_of(model, x, y, before)
             loss.backward()
         finally:
-            minilm.attention.SDPA_BF16_MIN_T_D2, minilm.attention.MANUAL_MAX_T_PER_D = rule
+            minilm.attention.SDPA_BF16_MIN_T_D2 = threshold
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()

@@ -15,31 +15,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# On a CPU under bf16 autocast the fastest way to attend depends on the sequence length T and
-# the head size D. Measured forward + backward on an AVX512-BF16 + AMX CPU, one thread, torch 2.13,
-# 4,096 tokens, d_model 512 (time of the written-out attention in bf16 / the faster SDPA kernel):
-# D=16: T=64 0.75, T=128 2.10; D=32: T=128 0.86, T=256 1.68; D=64: T=256 0.74, T=512 1.55;
-# D=128: T=512 0.80, T=1024 2.37. Up to T = 4·D the (T, T) scores are small enough that two bf16
-# matmuls around a softmax beat SDPA's CPU kernel, which works in blocks; beyond, the kernel wins.
-MANUAL_MAX_T_PER_D = 4
-# Beyond that, SDPA's kernel in bf16 beats it in fp32 (with the casts around it) from this
-# sequence length x head size² on (bf16 / fp32: head size 64: T=256 0.84, T=1024 0.68; head
-# size 32: T=256 1.47, T=512 1.22, T=1024 0.90).
+# Sequence length x head size² at and above which PyTorch's CPU attention kernel (torch 2.13)
+# runs faster in bf16 than in fp32 with the casts around it. Measured forward + backward on an
+# AVX512-BF16 + AMX CPU, one thread (time in bf16 / time in fp32): head size 64: T=128 1.82,
+# T=256 0.84, T=1024 0.68; head size 32: T=256 1.47, T=512 1.22, T=1024 0.90.
 SDPA_BF16_MIN_T_D2 = 256 * 64**2
 
 
-def cpu_autocast_kernel(seq_len: int, head_dim: int, dropout_p: float = 0.0) -> str:
-    """What ``impl='sdpa'`` runs on a CPU under bf16 autocast: 'manual', 'sdpa-fp32' or 'sdpa-bf16'.
-
-    'manual' is :func:`manual_attention` in bf16; 'sdpa-fp32' is SDPA on q, k, v cast up to fp32.
-    With dropout SDPA has no fused CPU kernel, only its math fallback, which stays in fp32.
-    :class:`CausalSelfAttention` follows this rule, and so do the memory estimate and the FLOP count.
-    """
-    if dropout_p > 0:
-        return "sdpa-fp32"
-    if seq_len <= MANUAL_MAX_T_PER_D * head_dim:
-        return "manual"
-    return "sdpa-fp32" if seq_len * head_dim**2 < SDPA_BF16_MIN_T_D2 else "sdpa-bf16"
+def sdpa_in_fp32(seq_len: int, head_dim: int, dropout_p: float = 0.0) -> bool:
+    """Whether the CPU attention kernel runs in fp32 under bf16 autocast: below the threshold, where
+    fp32 is faster, and with dropout (SDPA then has no fused CPU kernel, only its math fallback).
+    :class:`CausalSelfAttention` follows this rule, and so does the memory estimate."""
+    return dropout_p > 0 or seq_len * head_dim**2 < SDPA_BF16_MIN_T_D2
 
 
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
@@ -81,20 +68,15 @@ class KVCache:
         return k, v
 
 
-def attention_path(
-    impl: str, dropout: float, device_type: str, seq_len: int = 0, head_dim: int = 1, cpu_autocast: bool = False
-) -> str:
+def attention_path(impl: str, dropout: float, device_type: str) -> str:
     """Which attention computation runs in training: 'fused', 'manual' or 'math'.
 
     'fused' is SDPA's flash / memory-efficient kernel (keeps no T² tensor). On CPU, SDPA
     with dropout > 0 has no fused kernel and falls back to 'math', which materialises the
-    (B, H, T, T) probabilities like the manual path; under bf16 autocast at short sequences
-    (``seq_len``, ``head_dim``: :func:`cpu_autocast_kernel`) 'sdpa' runs the manual path. The
-    memory estimate and the FLOP count ask this function, so they follow the kernel the model runs.
+    (B, H, T, T) probabilities like the manual path. The memory estimate and the FLOP count
+    ask this function, so they follow the kernel the model runs.
     """
     if impl == "manual":
-        return "manual"
-    if device_type == "cpu" and cpu_autocast and cpu_autocast_kernel(seq_len, head_dim, dropout) == "manual":
         return "manual"
     return "math" if (dropout > 0 and device_type == "cpu") else "fused"
 
@@ -104,8 +86,7 @@ class CausalSelfAttention(nn.Module):
 
     ``impl='manual'`` runs :func:`manual_attention`; ``impl='sdpa'`` runs
     ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels
-    where available), except on a CPU under bf16 autocast, where it runs whichever of the two
-    is faster at this shape (:func:`cpu_autocast_kernel`). Parameters: QKV 3C² + 3C, output C² + C (biases if ``bias``).
+    where available). Parameters: QKV 3C² + 3C, output C² + C (biases if ``bias``).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True, impl: str = "sdpa"):
@@ -135,22 +116,20 @@ class CausalSelfAttention(nn.Module):
             if past > 0:  # the queries are the last T of S positions: query i sees keys j <= past + i
                 T, S = q.shape[-2], k.shape[-2]
                 mask = ~torch.ones(T, S, dtype=torch.bool, device=q.device).triu(diagonal=1 + past)  # True: may attend
-        p = self.dropout_p if self.training else 0.0
-        kernel = "manual" if self.impl == "manual" else "sdpa"
-        if kernel == "sdpa" and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            kernel = cpu_autocast_kernel(q.shape[-2], q.shape[-1], p)  # the fastest on a CPU (see there)
-            if kernel == "manual" and cache is not None:
-                kernel = "sdpa-fp32"  # generation: the rule was measured on training steps only
-        if kernel == "manual":
-            y = manual_attention(q, k, v, self.attn_dropout)
-        elif kernel == "sdpa-fp32":
-            # The projections around it stay in bf16; only the kernel runs in fp32.
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=mask is None
-                )
-            y = y.to(q.dtype)
+        if self.impl == "sdpa":
+            p = self.dropout_p if self.training else 0.0
+            cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            if cpu_autocast and sdpa_in_fp32(q.shape[-2], q.shape[-1], p):
+                # PyTorch's CPU attention kernel is slower in bf16 than in fp32 at short sequences
+                # (see sdpa_in_fp32): there run it in fp32. The projections around it stay in bf16.
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(
+                        q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=p, is_causal=mask is None
+                    )
+                y = y.to(q.dtype)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+            y = manual_attention(q, k, v, self.attn_dropout)
         y = rearrange(y, "b h t d -> b t (h d)")  # re-join heads: (B, T, C)
         return self.resid_dropout(self.proj(y))

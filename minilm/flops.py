@@ -119,13 +119,11 @@ def flop_breakdown(cfg: Config, seq_len: int | None = None, device_type: str = "
     """Training FLOPs per token of ``GPT(cfg)`` on sequences of ``seq_len`` (default ``cfg.max_seq_len``).
 
     ``device_type`` only matters for the hardware-FLOPs extra of fused SDPA: on CPU with
-    dropout > 0 SDPA falls back to its math path, and under bf16 autocast at short sequences
-    minilm runs the manual one; neither recomputes the scores.
+    dropout > 0 SDPA falls back to its math path, which does not recompute the scores.
     """
     s = seq_len or cfg.max_seq_len
     d, f, V, L = cfg.d_model, cfg.ff_width, cfg.vocab_size, cfg.n_layers
-    cpu_autocast = cfg.precision != "fp32"
-    fused = attention_path(cfg.attention, cfg.dropout, device_type, s, d // cfg.n_heads, cpu_autocast) == "fused"
+    fused = attention_path(cfg.attention, cfg.dropout, device_type) == "fused"
     per_layer_mm = 4 * d * d + 2 * d * f
     scores = 4 * L * s * d
     return FlopBreakdown(
@@ -284,7 +282,6 @@ def count_flops(
     checkpointing's recomputation is included, as the hardware runs it. ``return_logits=False``
     runs the trainer's loss (:mod:`minilm.loss`): the same total, but the LM head's two
     gradient matmuls (4·V·d per token) run inside the forward call, so they count there.
-    A bf16 config on a CPU runs under autocast, as it trains (the attention kernel depends on it).
     """
     s = seq_len or cfg.max_seq_len
     device = torch.device(device)
@@ -293,9 +290,7 @@ def count_flops(
         model = GPT(cfg)
         idx = torch.randint(0, cfg.vocab_size, (batch_size, s))
     model.train()
-    # A bf16 config on a CPU trains under autocast, which chooses the attention kernel there.
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=device.type == "cpu" and cfg.precision == "bf16")
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOP_FORMULAS) as fwd, autocast:
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOP_FORMULAS) as fwd:
         loss = model(idx, idx, return_logits=return_logits)[1]
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOP_FORMULAS) as bwd:
         loss.backward()

@@ -27,10 +27,9 @@ Saved for backward by one block (no checkpointing, SDPA, no dropout)::
 In fp32 with f = 4d that is 64·b·s·d bytes, i.e. 16 numbers per token per layer
 (Korthikanti et al. 2022 count 34·b·s·d in bytes at e = 2, with masks and s² terms).
 Gradient checkpointing keeps only each block's fp32 input (4·b·s·d) and rebuilds one
-block at a time during backward. On CPU under autocast, minilm's 'sdpa' attention runs the
-manual path at short sequences and SDPA in fp32 at middling ones
-(:func:`minilm.attention.cpu_autocast_kernel`): there q, k, v and the attention output are
-saved in fp32.
+block at a time during backward. On CPU under autocast, minilm runs SDPA in fp32 at short
+sequences (:func:`minilm.attention.sdpa_in_fp32`), so there q, k, v and the attention output
+are saved in fp32.
 
 The logits: the LM head writes b·s·V logits (e bytes each), cross-entropy upcasts them to
 fp32 and saves fp32 log-probabilities (4·b·s·V). Early in backward two more fp32 b·s·V
@@ -165,27 +164,16 @@ class LayerActivations:
         ]
 
 
-def attention_path(cfg: Config, device_type: str = "cuda", seq_len: int | None = None) -> str:
-    """Which attention computation ``cfg`` runs in training on ``device_type``: 'fused', 'manual' or 'math'.
-
-    On a CPU under autocast it depends on the sequence length (default ``cfg.max_seq_len``).
-    """
-    return attention.attention_path(
-        cfg.attention,
-        cfg.dropout,
-        device_type,
-        seq_len or cfg.max_seq_len,
-        cfg.d_model // cfg.n_heads,
-        cpu_autocast=cfg.precision != "fp32",
-    )
+def attention_path(cfg: Config, device_type: str = "cuda") -> str:
+    """Which attention computation ``cfg`` runs in training on ``device_type``: 'fused', 'manual' or 'math'."""
+    return attention.attention_path(cfg.attention, cfg.dropout, device_type)
 
 
 def _sdpa_in_fp32(cfg: Config, device_type: str, seq_len: int) -> bool:
     # minilm.attention runs SDPA in fp32 on CPU under autocast where its bf16 CPU kernel is slower
-    # (attention.cpu_autocast_kernel), casting q, k, v up and the output back down.
+    # (short sequences, small heads: attention.sdpa_in_fp32), casting q, k, v up and the output back down.
     autocast_cpu = cfg.attention == "sdpa" and device_type == "cpu" and cfg.precision != "fp32"
-    head_dim = cfg.d_model // cfg.n_heads
-    return autocast_cpu and attention.cpu_autocast_kernel(seq_len, head_dim, cfg.dropout) == "sdpa-fp32"
+    return autocast_cpu and attention.sdpa_in_fp32(seq_len, cfg.d_model // cfg.n_heads, cfg.dropout)
 
 
 def _element_bytes(cfg: Config) -> tuple[bool, int]:
@@ -194,10 +182,10 @@ def _element_bytes(cfg: Config) -> tuple[bool, int]:
     return autocast, 2 if autocast else 4
 
 
-def _score_bytes(cfg: Config, device_type: str, seq_len: int) -> tuple[int, int]:
+def _score_bytes(cfg: Config, device_type: str) -> tuple[int, int]:
     """(saved, backward-extra) bytes per element of the (b, a, s, s) attention probabilities."""
     autocast, e = _element_bytes(cfg)
-    path = attention_path(cfg, device_type, seq_len)
+    path = attention_path(cfg, device_type)
     if path == "fused":
         return 0, 0
     if path == "math":
@@ -228,8 +216,8 @@ def layer_activations(cfg: Config, batch_size: int, seq_len: int, device_type: s
     autocast, e = _element_bytes(cfg)
     m = 1 if device_type == "cuda" else e  # CUDA's dropout keeps a bool mask; CPU's a mask in the input dtype
     bsd = b * s * d
-    path = attention_path(cfg, device_type, s)
-    saved_per_score, _ = _score_bytes(cfg, device_type, s)
+    path = attention_path(cfg, device_type)
+    saved_per_score, _ = _score_bytes(cfg, device_type)
     if path == "fused" and _sdpa_in_fp32(cfg, device_type, s):
         attention = 3 * 4 * bsd + 4 * bsd + 4 * a * b * s  # fp32 q, k, v and output (the proj gets a copy)
     elif path == "fused":
@@ -267,7 +255,7 @@ def block_forward_peak(cfg: Config, batch_size: int, seq_len: int, device_type: 
     layer = layer_activations(cfg, b, s, device_type)
     saved_so_far = 4 * bsd + 2 * 4 * b * s + e * bsd + layer.attention + (2 * 4 * d * d if autocast else 0)
     temporaries = 4 * bsd if autocast else 0
-    path = attention_path(cfg, device_type, s)
+    path = attention_path(cfg, device_type)
     if path == "fused" and _sdpa_in_fp32(cfg, device_type, s):
         temporaries += 3 * e * bsd
     elif path == "manual":
@@ -294,7 +282,7 @@ def block_backward_extra(cfg: Config, batch_size: int, seq_len: int, device_type
     _, e = _element_bytes(cfg)
     bsd = b * s * d
     mlp = e * b * s * f + 4 * d * f
-    _, extra_per_score = _score_bytes(cfg, device_type, s)
+    _, extra_per_score = _score_bytes(cfg, device_type)
     if not extra_per_score:
         return mlp
     # Freed by then: GELU input and output, the fc and attention-projection inputs, ln_2's input.

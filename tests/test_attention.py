@@ -57,49 +57,44 @@ def test_rejects_bad_shapes():
         CausalSelfAttention(32, 4, impl="flash")
 
 
-def test_the_cpu_autocast_rule():
-    """The measured boundaries: written out up to T = 4·D, then SDPA in fp32, then in bf16; dropout: fp32."""
-    from minilm.attention import SDPA_BF16_MIN_T_D2, cpu_autocast_kernel
-
-    assert [cpu_autocast_kernel(T, 64) for T in (64, 256, 257, 1024)] == ["manual", "manual", "sdpa-bf16", "sdpa-bf16"]
-    assert [cpu_autocast_kernel(T, 32) for T in (128, 129, 512, 1024)] == [
-        "manual",
-        "sdpa-fp32",
-        "sdpa-fp32",
-        "sdpa-bf16",
-    ]
-    assert cpu_autocast_kernel(SDPA_BF16_MIN_T_D2 // 32**2 - 1, 32) == "sdpa-fp32"
-    assert cpu_autocast_kernel(64, 64, dropout_p=0.1) == "sdpa-fp32"  # only SDPA's math fallback, kept in fp32
-
-
-@pytest.mark.parametrize(
-    "d_model, n_heads, T, expected",
-    [(32, 4, 9, "manual"), (64, 4, 128, "sdpa-fp32"), (128, 2, 257, "sdpa-bf16")],  # head sizes 8, 16, 64
-)
-def test_sdpa_under_cpu_autocast_runs_the_rules_kernel(monkeypatch, d_model, n_heads, T, expected):
-    """Under bf16 autocast on CPU, impl='sdpa' runs the kernel the rule names (what reaches SDPA, in which
-    dtype, or the written-out path), hands back bf16, and agrees with the manual path."""
-    import minilm.attention as attention
-
-    manual, fast = pair(d_model, n_heads)
-    x = torch.randn(1, T, d_model)
+def test_sdpa_under_cpu_autocast_runs_the_kernel_in_fp32(monkeypatch):
+    """On CPU under bf16 autocast the fused kernel gets fp32 inputs (faster there), and hands back bf16."""
+    manual, fast = pair(32, 4)
+    x = torch.randn(2, 9, 32)
     seen = []
-    sdpa, written_out = torch.nn.functional.scaled_dot_product_attention, attention.manual_attention
+    sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def spy_sdpa(q, k, v, **kwargs):
-        seen.append("sdpa-bf16" if q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu") else "sdpa-fp32")
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(q, k, v, **kwargs)
 
-    def spy_manual(*args):
-        seen.append("manual")
-        return written_out(*args)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
-    monkeypatch.setattr(attention, "manual_attention", spy_manual)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_fast = fast(x)
-        seen_fast, seen[:] = list(seen), []
-        y_manual = manual(x)
-    assert seen_fast == [expected] and seen == ["manual"]
+        y_fast, y_manual = fast(x), manual(x)
+    assert seen == [(torch.float32, False)]
     assert y_fast.dtype == y_manual.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fast.float(), y_manual.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y_fast.float(), manual(x), rtol=2e-2, atol=2e-2)  # and near full fp32
+
+
+def test_sdpa_under_cpu_autocast_runs_in_bf16_where_that_is_faster(monkeypatch):
+    """At sequence length x head size² >= the measured threshold the kernel gets the bf16 q, k, v as they are."""
+    from minilm.attention import SDPA_BF16_MIN_T_D2, sdpa_in_fp32
+
+    assert sdpa_in_fp32(128, 64) and not sdpa_in_fp32(256, 64) and not sdpa_in_fp32(1024, 32)
+    assert sdpa_in_fp32(1024, 64, dropout_p=0.1)  # dropout: only the math fallback exists, kept in fp32
+    manual, fast = pair(128, 2)  # head size 64
+    T = SDPA_BF16_MIN_T_D2 // 64**2
+    x = torch.randn(1, T, 128)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fast, y_manual = fast(x), manual(x)
+    assert seen == [torch.bfloat16] and y_fast.dtype == torch.bfloat16
     torch.testing.assert_close(y_fast.float(), y_manual.float(), rtol=3e-2, atol=3e-2)
