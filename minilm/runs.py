@@ -385,7 +385,8 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
         )
     if free_bytes is None:
         return
-    need = estimate_training_memory(cfg, device_type=device.type).peak_bytes * per_process
+    # The trainer's loss is the chunked one (minilm.loss): it never builds the (b, s, V) logits.
+    need = estimate_training_memory(cfg, device_type=device.type, chunked_loss=True).peak_bytes * per_process
     if device.type == "cpu":
         need += eval_bytes * per_process
     if need <= free_bytes:

@@ -388,6 +388,23 @@ def test_a_step_that_does_not_fit_in_memory_stops_before_allocating(micro_json, 
     assert not Path(cfg.output_dir).exists() or not list(Path(cfg.output_dir).iterdir())  # nothing written
 
 
+def test_the_memory_check_counts_the_loss_the_trainer_runs(micro_config, tmp_path):
+    """The trainer computes its loss in chunks, so the check must not count the full (b, s, V) logits:
+    free memory between the two estimates is enough, and a byte less than the chunked one is not."""
+    from minilm.memory import estimate_training_memory
+    from minilm.runs import RunError, check_memory
+
+    cfg = micro_config(tmp_path, vocab_size=4096, batch_size=64)  # logits large beside a micro model
+    eval_bytes = cfg.eval_batches * cfg.batch_size * cfg.max_seq_len * 2 * 8
+    chunked = estimate_training_memory(cfg, device_type="cpu", chunked_loss=True).peak_bytes + eval_bytes
+    full = estimate_training_memory(cfg, device_type="cpu").peak_bytes + eval_bytes
+    assert full > 2 * chunked
+    check_memory(cfg, torch.device("cpu"), free_bytes=(chunked + full) // 2)
+    check_memory(cfg, torch.device("cpu"), free_bytes=chunked)
+    with pytest.raises(RunError, match="needs about"):
+        check_memory(cfg, torch.device("cpu"), free_bytes=chunked - 1)
+
+
 def test_too_many_validation_batches_stop_before_allocating(micro_json, capsys, monkeypatch):
     """`--eval_batches 100000000` would hold 100 GB of fixed validation batches: refused with both numbers."""
     import minilm.runs
