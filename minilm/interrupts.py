@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from minilm.report import print_line
+
 
 class Stoppable(Protocol):
     _stop_reason: str | None
@@ -15,12 +17,12 @@ class Stoppable(Protocol):
     def request_stop(self, reason: str) -> None: ...
 
 
-def stop_on_signals(run: Stoppable, announce: Callable[[str], None] | None = print) -> Callable[[], None]:
+def stop_on_signals(run: Stoppable, announce: bool = True, progress: bool = False) -> Callable[[], None]:
     """Route SIGINT/SIGTERM to ``run.request_stop``; returns a function that restores the old handlers.
 
     A second SIGINT raises KeyboardInterrupt at once. Outside the main thread (a notebook
-    training in a thread) signals cannot be caught: nothing is installed. ``announce`` prints the
-    notice of the first signal (None: stay silent).
+    training in a thread) signals cannot be caught: nothing is installed. ``announce``: print a
+    notice at the first signal (``progress``: a tqdm bar is live, print above it).
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -33,8 +35,9 @@ def stop_on_signals(run: Stoppable, announce: Callable[[str], None] | None = pri
         if run._stop_reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         run.request_stop(f"received {name}")
-        if announce is not None:
-            announce(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again quits now)")
+        if announce:
+            notice = f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again quits now)"
+            print_line(notice, progress)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 

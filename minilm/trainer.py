@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -442,8 +441,7 @@ class Trainer:
     def _install_signal_handlers(self) -> Callable[[], None]:
         if not self.handle_signals:
             return lambda: None
-        say = partial(report.print_line, progress=self.progress)
-        return stop_on_signals(self, announce=say if self.is_main else None)
+        return stop_on_signals(self, announce=self.is_main, progress=self.progress)
 
 
 def train(cfg: Config, **kwargs: Any) -> TrainResult:
