@@ -52,7 +52,7 @@ from minilm.counting import count_parameters, format_count  # noqa: E402
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at  # noqa: E402
 from minilm.formatting import format_hours, render_table  # noqa: E402
 from minilm.hardware import ACCELERATORS, datasheet_name  # noqa: E402
-from minilm.memory import GB, estimate_training_memory  # noqa: E402
+from minilm.memory import GB, estimate_training_memory, trainer_step_memory  # noqa: E402
 from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
@@ -101,8 +101,8 @@ def gib(n_bytes: float) -> str:
 # Computed numbers
 # ---------------------------------------------------------------------------------------
 def memory_gib(cfg: Config, precision: str, checkpointing: bool) -> float:
-    """Estimated peak GiB per GPU of one step at the config's own batch settings."""
-    return estimate_training_memory(with_precision(cfg, precision, checkpointing)).peak_bytes / GB
+    """Estimated peak GiB per GPU of one step as minilm's trainer runs it (chunked loss), at the config's batch."""
+    return trainer_step_memory(with_precision(cfg, precision, checkpointing)).peak_bytes / GB
 
 
 def gpu_tokens_per_second(cfg: Config, gpu: str, mfu: float = MFU) -> float:

@@ -88,7 +88,7 @@ def _rank_peak(cfg: Config, strategy: str, rank: int, seed: int, optimizer: str)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for _ in range(2):  # warm-up (creates AdamW's state), then the measured step
             tracker.peak = tracker.current
-            step.accumulate_gradients(model, batches, nullcontext(), scaler)
+            step.accumulate_gradients(model, batches, nullcontext(), scaler, chunked_loss=True)  # the trainer's loss
             step.clip_gradients(list(model.parameters()), opt, scaler, cfg.grad_clip)
             step.optimizer_step(opt, scaler)
         del model, opt

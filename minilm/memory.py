@@ -609,3 +609,20 @@ def estimate_training_memory(
         moments=moments,
         workspaces=workspaces,
     )
+
+
+def trainer_step_memory(cfg: Config, **kwargs) -> MemoryEstimate:
+    """The memory of one step as minilm's trainer runs it: :func:`estimate_training_memory`
+    with the trainer's chunked loss (``chunked_loss=True``, :mod:`minilm.loss`; no (b, s, V)
+    logits) and fused AdamW.
+
+    Every tool that predicts a minilm training run (the planner in :mod:`minilm.sizing`, the
+    per-GPU estimates of :mod:`minilm.sharding`, the config editor, the trainer's memory check)
+    uses this rule; ``estimate_training_memory`` itself keeps the full logits of a plain
+    ``loss = model(x, y)`` loop as its default (the memory lesson's formula). ``kwargs`` are
+    ``estimate_training_memory``'s other arguments (``batch_size``, ``seq_len``,
+    ``device_type``, ...). Bytes, per device.
+    """
+    if kwargs.get("keep_logits") or kwargs.get("chunked_loss") is False:
+        raise ValueError("trainer_step_memory is the chunked loss; call estimate_training_memory for full logits")
+    return estimate_training_memory(cfg, **{**kwargs, "chunked_loss": True})

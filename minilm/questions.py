@@ -24,7 +24,7 @@ from typing import Any
 from minilm.config import Config, ConfigError, load_config
 from minilm.counting import count_parameters
 from minilm.exercises import Feedback, read_answer
-from minilm.memory import GB, estimate_training_memory
+from minilm.memory import GB, trainer_step_memory
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class Question:
 
 
 def _peak_gib(cfg: Config) -> float:
-    return estimate_training_memory(cfg).peak_bytes / GB
+    """The config editor's readout, in GiB: one step as minilm's trainer runs it (chunked loss)."""
+    return trainer_step_memory(cfg).peak_bytes / GB
 
 
 def _largest(lo: int, hi: int, ok: Callable[[int], bool], step: int = 1) -> int:
@@ -78,9 +79,9 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool], step: int = 1) -> int:
 def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) -> list[Question]:
     """The config editor lesson's questions, about ``cfg`` (default: the shipped small config).
 
-    Memory is the editor's readout: :func:`minilm.memory.estimate_training_memory` on a GPU,
-    in GiB. The GPT-2-small shape is ``cfg`` at d_model 768, 12 heads, 12 layers and a
-    50,257-token vocabulary, as the lesson sets it.
+    Memory is the editor's readout: :func:`minilm.memory.trainer_step_memory` on a GPU (the
+    trainer's chunked loss, no (b, s, V) logits), in GiB. The GPT-2-small shape is ``cfg`` at
+    d_model 768, 12 heads, 12 layers and a 50,257-token vocabulary, as the lesson sets it.
     """
     small = (cfg if cfg is not None else load_config("small")).replace(d_ff=None)
     questions = []
@@ -101,7 +102,7 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
         return f"At d_model = {d} the estimated peak is {peak:.2f} GiB, {side} {budget_gib:g} GiB."
 
     widest = _largest(64, 64 * 64, fits, step=64)
-    at_widest = estimate_training_memory(small.replace(d_model=widest))
+    at_widest = trainer_step_memory(small.replace(d_model=widest))
     questions.append(
         Question(
             key="widest_that_fits",
@@ -116,7 +117,7 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
             why=(
                 f"Of its {at_widest.peak_bytes / GB:.2f} GiB, the weights, gradients and AdamW state are only "
                 f"{at_widest.model_state / GB:.2f}: at batch {small.batch_size} x {small.max_seq_len} tokens the saved "
-                "activations and the logits take the rest."
+                "activations and the chunked loss's buffers take the rest."
             ),
             hint=width_hint,
         )
@@ -161,7 +162,7 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
             _answer=extra_gib,
             tolerance=0.02,
             why=(
-                "16 bytes per new parameter (weight, gradient, two AdamW moments); the activations and logits do "
+                "16 bytes per new parameter (weight, gradient, two AdamW moments); the activations and the loss do "
                 f"not change. At a 128-token vocabulary the same switch costs {tiny_vocab_mib:.1f} MiB."
             ),
             hint=lambda v: "Read the peak with tie_embeddings ticked and unticked, and subtract.",
@@ -215,7 +216,8 @@ def config_editor_questions(cfg: Config | None = None, budget_gib: float = 8.0) 
             _answer=_largest(1, 4096, lambda b: _peak_gib(ckpt.replace(batch_size=b)) <= big_budget),
             why=(
                 f"Checkpointing keeps one tensor per block: each extra sequence adds {per_seq_ckpt:.2f} GiB with it, "
-                f"{per_seq:.2f} GiB without. The logits, not checkpointed, are most of what remains."
+                f"{per_seq:.2f} GiB without. The trainer's chunked loss holds no (batch, seq, vocab) logits, only a "
+                "few (batch, seq, d_model) tensors."
             ),
             hint=batch_hint,
         )

@@ -12,7 +12,7 @@ What a training run needs settled before it allocates anything or writes a file:
   resume from step S moves the records after S, and the checkpoints after S, of the run it
   replaces into ``replaced/<time>-after-step-S/``, so ``metrics.jsonl`` is the current run's line
   and nothing is deleted. Damaged lines (a kill mid-write) are skipped with a warning.
-- **Memory.** :func:`check_memory` compares :func:`minilm.memory.estimate_training_memory` with
+- **Memory.** :func:`check_memory` compares :func:`minilm.memory.trainer_step_memory` with
   the free host RAM (CPU) or device memory (CUDA) and stops with both numbers and the
   planner's cheapest fix when a step will not fit; ``--skip_memory_check`` overrides.
 
@@ -361,7 +361,7 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
     message gives both numbers in GiB and the cheapest fix of :func:`minilm.sizing.plan_to_fit`.
     ``free_bytes`` overrides the measurement (tests).
     """
-    from minilm.memory import GB, estimate_training_memory
+    from minilm.memory import GB, trainer_step_memory
     from minilm.sizing import Hardware, plan_to_fit
 
     if device.type == "cuda":
@@ -386,7 +386,7 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
     if free_bytes is None:
         return
     # The trainer's loss is the chunked one (minilm.loss): it never builds the (b, s, V) logits.
-    need = estimate_training_memory(cfg, device_type=device.type, chunked_loss=True).peak_bytes * per_process
+    need = trainer_step_memory(cfg, device_type=device.type).peak_bytes * per_process
     if device.type == "cpu":
         need += eval_bytes * per_process
     if need <= free_bytes:

@@ -27,8 +27,9 @@ embeddings, the final LayerNorm and an untied head). Each parameter is split alo
 first dimension into W equal pieces, padded up to a multiple of W rows.
 
 What is alive on a rank at each moment of the step, on top of the single-GPU moments of
-:func:`minilm.memory.estimate_training_memory` (activations, logits and temporaries are
-per rank and do not shrink with W: each rank runs its own micro-batch):
+:func:`minilm.memory.trainer_step_memory` (the step as minilm's trainer runs it: its chunked
+loss, no (b, s, V) logits; activations and the loss's chunk and head gradients are per rank and
+do not shrink with W: each rank runs its own micro-batch):
 
 * **unsharded units**: a unit's full parameters, copied out of its all-gather buffer
   (``param bytes × numel``). The root stays gathered through the forward (its head is
@@ -41,8 +42,8 @@ per rank and do not shrink with W: each rank runs its own micro-batch):
   post-backward reduce-scatters them (a padded fp32 input buffer) into a 1/W shard. The
   root's gradients (the head's, then the embedding's) stay full until the very end.
 
-Checked against each rank's peak measured on 2 CPU processes (gloo, fp32;
-:mod:`minilm.measure_ranks`) by ``tests/test_sharding.py`` for DDP, ZeRO-1, ZeRO-2 and
+Checked against each rank's peak measured on 2 CPU processes (gloo, fp32, the trainer's
+chunked loss; :mod:`minilm.measure_ranks`) by ``tests/test_sharding.py`` for DDP, ZeRO-1, ZeRO-2 and
 ZeRO-3, and by hand on 4. minilm's trainer runs DDP and FSDP (ZeRO-2/3), not ZeRO-1.
 Not measured: mixed-precision policies (the
 unsharded copies and all-gathers then use 2 bytes; the activations are estimated as under
@@ -57,7 +58,7 @@ from dataclasses import dataclass
 
 from minilm.config import Config
 from minilm.counting import count_parameters, parameter_shapes
-from minilm.memory import GB, MemoryEstimate, adamw_temporaries, estimate_training_memory
+from minilm.memory import GB, MemoryEstimate, adamw_temporaries, trainer_step_memory
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 STRATEGY_NAMES = {
@@ -160,7 +161,8 @@ def estimate_rank_memory(
     (default ``cfg.batch_size``). ``param_dtype_bytes``: bytes per element of the gathered
     (unsharded) parameters, 2 under a bf16/fp16 mixed-precision policy, 4 in fp32 (default:
     from ``cfg``'s precision). The other arguments are those of
-    :func:`minilm.memory.estimate_training_memory`. ``rank``: which rank, for ZeRO-1, whose
+    :func:`minilm.memory.estimate_training_memory`; the loss is the trainer's chunked one
+    (:func:`minilm.memory.trainer_step_memory`). ``rank``: which rank, for ZeRO-1, whose
     ranks hold different whole tensors (default: the one with the most, whose peak is the
     highest); the other strategies give every rank the same share.
     """
@@ -171,7 +173,7 @@ def estimate_rank_memory(
     if rank is not None and not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     W = world_size
-    base = estimate_training_memory(
+    base = trainer_step_memory(
         cfg.replace(world_size=W if strategy in ("ddp", "zero1") else 1),
         batch_size=batch_size,
         seq_len=seq_len,
@@ -222,18 +224,12 @@ def estimate_rank_memory(
                 "gathered parameters": gathered_fwd,
                 "all-gather buffer": block_buffer,
             }
-    moments["forward end"] = {
-        **rank_state(b["forward end"]),
+    # The chunked loss runs inside the root's forward, after the last block: the root (its head)
+    # is gathered and the last block's all-gather buffer is not yet freed.
+    moments["chunked loss"] = {
+        **rank_state(b["chunked loss"]),
         "gathered parameters": root_full if reshard else all_full,
         "all-gather buffer": block_buffer,  # the last block's, freed by the next all-gather
-    }
-    # The root's post-forward frees the last block's buffer. ZeRO-3 then gathers the root again
-    # at the start of backward and prefetches the last block; ZeRO-2 still holds every unit.
-    backward_gathered = root_full if reshard else all_full
-    moments["loss backward"] = {
-        **rank_state(b["loss backward"]),
-        "gathered parameters": backward_gathered,
-        "all-gather buffer": block_buffer if reshard else 0,
     }
     moments["last block backward"] = {
         **rank_state(b["last block backward"]),

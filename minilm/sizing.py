@@ -32,7 +32,7 @@ from minilm.config import Config, configs_dir, load_config
 from minilm.counting import count_parameters, format_count
 from minilm.flops import chinchilla_tokens, flop_breakdown, flops_per_token, tokens_per_second_at
 from minilm.formatting import format_hours, render_table
-from minilm.memory import GB, estimate_training_memory
+from minilm.memory import GB, trainer_step_memory
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,9 @@ def _on(cfg: Config, hw: Hardware) -> Config:
 
 
 def peak_bytes(cfg: Config, hw: Hardware | None = None) -> int:
-    """Estimated peak bytes per device of one training step (minilm's trainer: fused AdamW)."""
-    return estimate_training_memory(_on(cfg, hw) if hw else cfg).peak_bytes
+    """Estimated peak bytes per device of one training step as minilm's trainer runs it: its
+    chunked loss (no (b, s, V) logits) and fused AdamW (:func:`minilm.memory.trainer_step_memory`)."""
+    return trainer_step_memory(_on(cfg, hw) if hw else cfg).peak_bytes
 
 
 def fits(cfg: Config, hw: Hardware) -> bool:

@@ -39,7 +39,7 @@ from typing import Any
 from minilm.config import FIELDS, Config, ConfigError, config_from_dict, field_nullable, field_type, load_config
 from minilm.counting import ParameterCount, count_parameters, format_count
 from minilm.flops import flops_per_token
-from minilm.memory import estimate_training_memory
+from minilm.memory import trainer_step_memory
 
 GROUPS = ("model", "data", "training", "system", "meta")
 DERIVED = ("estimated_parameters",)  # computed by the editor, not typed in
@@ -138,10 +138,11 @@ class ConfigEditor:
 
     @property
     def memory(self):
-        """The :class:`minilm.memory.MemoryEstimate` of one training step, or None."""
+        """The :class:`minilm.memory.MemoryEstimate` of one step as minilm's trainer runs it
+        (chunked loss, :func:`minilm.memory.trainer_step_memory`), or None."""
         if self._config is None:
             return None
-        return estimate_training_memory(self._config, device_type=self.memory_device)
+        return trainer_step_memory(self._config, device_type=self.memory_device)
 
     def readout(self) -> str:
         """The readouts as plain text (what the form shows, minus the chart)."""

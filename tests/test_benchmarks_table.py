@@ -20,7 +20,7 @@ import pytest
 from minilm.config import load_config
 from minilm.counting import count_parameters, format_count
 from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at
-from minilm.memory import GB, estimate_training_memory
+from minilm.memory import GB, estimate_training_memory, trainer_step_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "benchmarks.md"
@@ -95,7 +95,7 @@ def test_memory_columns(page):
         cfg = shipped(name)
         for (precision, ckpt), cell in zip(settings, cells[1:], strict=True):
             c = cfg.replace(bf16=precision == "bf16", fp16=precision == "fp16", gradient_checkpointing=ckpt)
-            assert float(cell) == pytest.approx(estimate_training_memory(c).peak_bytes / GB, abs=0.005), (
+            assert float(cell) == pytest.approx(trainer_step_memory(c).peak_bytes / GB, abs=0.005), (
                 name,
                 precision,
                 ckpt,
@@ -106,7 +106,7 @@ def test_memory_table_bolds_the_shipped_setting(page):
     text = section(page, "Training memory per GPU")
     for name in ("tiny", "small", "base", "large"):
         cfg = shipped(name)
-        est = estimate_training_memory(cfg).peak_bytes / GB
+        est = trainer_step_memory(cfg).peak_bytes / GB
         line = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         assert f"**{est:.2f}**" in line
 

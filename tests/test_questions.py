@@ -3,7 +3,7 @@
 import pytest
 
 from minilm.config import load_config
-from minilm.memory import GB, estimate_training_memory
+from minilm.memory import GB, trainer_step_memory
 from minilm.questions import Question, _largest, config_editor_questions
 from minilm.widgets import ConfigEditor
 
@@ -14,7 +14,7 @@ def questions():
 
 
 def peak_gib(cfg) -> float:
-    return estimate_training_memory(cfg).peak_bytes / GB
+    return trainer_step_memory(cfg).peak_bytes / GB  # the editor's readout
 
 
 def test_widest_model_is_the_last_width_under_the_budget(questions):

@@ -9,7 +9,7 @@ import pytest
 from minilm.config import Config, load_config
 from minilm.counting import count_parameters
 from minilm.flops import flops_per_token, tokens_per_second_at
-from minilm.memory import GB, estimate_training_memory
+from minilm.memory import GB, estimate_training_memory, trainer_step_memory
 from minilm.sizing import (
     DESIGN_CLAIMS,
     Hardware,
@@ -37,20 +37,35 @@ def test_usable_memory_and_fits():
     hw = Hardware(memory_gb=16)
     assert hw.usable_bytes == int((16 * 0.9 - 1.0) * GB)
     cfg = shipped("small")
-    peak = estimate_training_memory(cfg).peak_bytes
+    peak = trainer_step_memory(cfg).peak_bytes
     assert fits(cfg, hw) == (peak <= hw.usable_bytes)
     assert fits(cfg, Hardware(memory_gb=80)) and not fits(cfg.replace(batch_size=256), Hardware(memory_gb=8))
 
 
+def test_planner_counts_the_trainers_chunked_loss_not_full_logits():
+    # Memory between the trainer's estimate (chunked loss) and a plain loop's (full logits): the
+    # trainer fits, so the planner must accept the config unchanged; counting full logits refused it.
+    cfg = shipped("small")  # bf16, 16 x 1024, vocab 50,304: the full logits are gigabytes
+    chunked, full = trainer_step_memory(cfg).peak_bytes, estimate_training_memory(cfg).peak_bytes
+    assert full - chunked > 2 * GB
+    hw = Hardware(memory_gb=(chunked + full) / 2 / GB, context_gb=0.0, headroom=0.0)
+    assert chunked <= hw.usable_bytes < full
+    assert fits(cfg, hw) and largest_batch_that_fits(cfg, hw) >= cfg.batch_size
+    plan = plan_to_fit(cfg, hw)
+    assert plan.original.fits and plan.best.changes == () and plan.best.peak_bytes == chunked
+    # ... and a byte under the chunked estimate does not fit.
+    assert not fits(cfg, Hardware(memory_gb=(chunked - 1) / GB, context_gb=0.0, headroom=0.0))
+
+
 def test_planner_makes_an_oversized_config_fit_and_keeps_the_effective_batch():
-    cfg = shipped("base").replace(batch_size=64, bf16=False)  # 64 x 1024 tokens in fp32: ~60 GiB
+    cfg = shipped("base").replace(batch_size=64, bf16=False)  # 64 x 1024 tokens in fp32: ~39 GiB (chunked loss)
     hw = Hardware(memory_gb=16)
     assert not fits(cfg, hw)
     plan = plan_to_fit(cfg, hw)
     assert not plan.original.fits and plan.best is not None and plan.best.fits
     best = plan.best
     assert best.peak_bytes <= hw.usable_bytes
-    assert best.peak_bytes == estimate_training_memory(best.config).peak_bytes  # reported memory is the estimate's
+    assert best.peak_bytes == trainer_step_memory(best.config).peak_bytes  # reported memory is the estimate's
     assert best.effective_batch == cfg.batch_size * cfg.grad_accumulation_steps  # same optimisation
     assert best.config.n_layers == cfg.n_layers and not best.changes_model
     # Each single change is listed with its own memory, all below the original's.
@@ -81,8 +96,8 @@ def test_a_config_that_already_fits_needs_no_change():
 def test_checkpointing_is_chosen_when_halving_is_not_enough():
     # Batch 1 cannot be halved: only checkpointing (and precision) are left.
     cfg = shipped("base").replace(batch_size=1, grad_accumulation_steps=1, bf16=True, max_seq_len=4096)
-    checkpointed = estimate_training_memory(cfg.replace(gradient_checkpointing=True)).peak_bytes
-    between = (checkpointed + estimate_training_memory(cfg).peak_bytes) / 2 / GB  # usable memory to aim for
+    checkpointed = trainer_step_memory(cfg.replace(gradient_checkpointing=True)).peak_bytes
+    between = (checkpointed + trainer_step_memory(cfg).peak_bytes) / 2 / GB  # usable memory to aim for
     hw = Hardware(memory_gb=float((between + 1) / 0.9))  # 10% headroom and 1 GB for the CUDA context
     assert not fits(cfg, hw)
     plan = plan_to_fit(cfg, hw)
@@ -152,7 +167,7 @@ def test_design_claims_table():
         cfg = shipped(c.name)
         assert c.n_parameters == count_parameters(cfg).total
         assert c.design_label == DESIGN_CLAIMS[c.name]["label"]
-        assert c.peak_bytes == estimate_training_memory(cfg).peak_bytes
+        assert c.peak_bytes == trainer_step_memory(cfg).peak_bytes
         gpu = Hardware(memory_gb=c.recommended_gpu_gb, n_devices=cfg.world_size)
         assert c.fits_recommended == fits(cfg, gpu)
         assert c.tokens_per_second > 10 * c.claimed_tokens_per_s  # the design's speeds are far too low
