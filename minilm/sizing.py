@@ -12,7 +12,8 @@ throughput — measured tokens/s, or a peak FLOP/s and an assumed MFU.
     >>> print(plan_to_fit(configs["base"].replace(batch_size=64), Hardware(memory_gb=16)).table())
     >>> print(design_claims_table())
 
-**What "fits" means.** The estimated peak (what ``torch.cuda.max_memory_allocated``
+**What "fits" means.** The estimated peak of a step as minilm's trainer runs it, with its
+chunked loss (:func:`minilm.memory.trainer_step_memory`; what ``torch.cuda.max_memory_allocated``
 would report) must stay under the device memory minus a reserve for what no tensor
 tracker sees (:data:`minilm.memory.NOT_COUNTED`): ``context_gb`` for the CUDA context and
 workspaces, and a ``headroom`` fraction for the caching allocator's fragmentation.

@@ -199,3 +199,22 @@ def test_cuda_estimate_counts_two_cublas_workspaces(monkeypatch):
     gpu, cpu = estimate_training_memory(cfg, device_type="cuda"), estimate_training_memory(cfg, device_type="cpu")
     assert cpu.workspaces == 0 and gpu.workspaces == cublas_workspace_bytes()
     assert all(moment["cuBLAS workspaces"] == gpu.workspaces for moment in gpu.moments.values())
+
+
+def test_trainer_step_memory_is_the_chunked_loss_and_says_so():
+    """The one rule the planner, sharding, editor and memory check use: the trainer's chunked loss."""
+    from minilm.config import load_config
+    from minilm.memory import trainer_step_memory
+
+    small = load_config("small")
+    trainer = trainer_step_memory(small)
+    assert trainer == estimate_training_memory(small, chunked_loss=True)
+    assert "chunked loss" in trainer.moments and trainer.logits == 0
+    # The default of the formula lesson 05 teaches stays full logits, gigabytes more at 16 x 1024.
+    assert estimate_training_memory(small).peak_bytes - trainer.peak_bytes > 2 * GB
+    assert trainer_step_memory(small, batch_size=2, device_type="cpu") == estimate_training_memory(
+        small, batch_size=2, device_type="cpu", chunked_loss=True
+    )
+    for full in ({"keep_logits": True}, {"chunked_loss": False}):
+        with pytest.raises(ValueError, match="chunked"):
+            trainer_step_memory(small, **full)
