@@ -235,6 +235,22 @@ def _speed_ratios() -> str:
     return f"{min(ratios):,.0f}× to {max(ratios):,.0f}×"
 
 
+def _memory_ratios() -> str:
+    """How many times the trainer's estimate (chunked loss) each design memory claim is, as a range."""
+    ratios = []
+    for n in DESIGN_TABLE:
+        cfg = shipped(n)
+        ratios.append(
+            float(DESIGN_TABLE[n]["memory"].split()[0]) / memory_gib(cfg, cfg.precision, cfg.gradient_checkpointing)
+        )
+    return f"{min(ratios):.1f}× to {max(ratios):.1f}×"
+
+
+def _plain_loop_memory() -> str:
+    """Each design config's estimate for a plain ``loss = model(x, y)`` loop, which holds the full logits."""
+    return ", ".join(f"{estimate_training_memory(shipped(n)).peak_bytes / GB:.2f} GiB for `{n}`" for n in DESIGN_TABLE)
+
+
 def _time_range() -> str:
     hours = {
         n: compute_optimal(shipped(n)).tokens / tokens_per_second_at(shipped(n), "RTX 4090", MFU, n_devices=1) / 3600
@@ -284,6 +300,8 @@ def render_computed() -> str:
         true_sizes=" / ".join(format_count(count_parameters(shipped(n)).total) for n in ("small", "base", "large")),
         speed_ratios=_speed_ratios(),
         time_range=_time_range(),
+        memory_ratios=_memory_ratios(),
+        plain_loop_memory=_plain_loop_memory(),
     )
 
 
