@@ -53,7 +53,7 @@ from minilm.flops import compute_optimal, flops_per_token, tokens_per_second_at 
 from minilm.formatting import format_hours, render_table  # noqa: E402
 from minilm.hardware import ACCELERATORS, datasheet_name  # noqa: E402
 from minilm.memory import GB, estimate_training_memory, trainer_step_memory  # noqa: E402
-from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims_table, throughput  # noqa: E402
+from minilm.sizing import DESIGN_CLAIMS, Hardware, design_claims, design_claims_table, throughput  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 TEMPLATES = ROOT / "benchmarks" / "templates"  # the page's prose, with $names for the numbers
@@ -237,12 +237,7 @@ def _speed_ratios() -> str:
 
 def _memory_ratios() -> str:
     """How many times the trainer's estimate (chunked loss) each design memory claim is, as a range."""
-    ratios = []
-    for n in DESIGN_TABLE:
-        cfg = shipped(n)
-        ratios.append(
-            float(DESIGN_TABLE[n]["memory"].split()[0]) / memory_gib(cfg, cfg.precision, cfg.gradient_checkpointing)
-        )
+    ratios = [c.claimed_memory_gb / (c.peak_bytes / GB) for c in design_claims(throughput_device=None)]
     return f"{min(ratios):.1f}× to {max(ratios):.1f}×"
 
 

@@ -385,7 +385,6 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
         )
     if free_bytes is None:
         return
-    # The trainer's loss is the chunked one (minilm.loss): it never builds the (b, s, V) logits.
     need = trainer_step_memory(cfg, device_type=device.type).peak_bytes * per_process
     if device.type == "cpu":
         need += eval_bytes * per_process
