@@ -29,6 +29,64 @@ def sdpa_in_fp32(seq_len: int, head_dim: int, dropout_p: float = 0.0) -> bool:
     return dropout_p > 0 or seq_len * head_dim**2 < SDPA_BF16_MIN_T_D2
 
 
+# Sequence lengths up to which a *compiled* CPU step in bf16 runs attention's backward as five
+# batched matmuls (:class:`CausalAttentionCPU`) instead of PyTorch's fused CPU backward kernel.
+# Measured backward per layer, compiled, one thread, AVX512-BF16 + AMX, torch 2.13, bf16, batch 4,
+# 8 heads of 64 (fused kernel -> matmuls): T=128 10.5 -> 3.3 ms, T=256 15.0 -> 10.1 ms; 8 heads of
+# 32 at T=256 13.2 -> 7.7 ms; but T=512 48 -> 74 ms and T=1024 45 -> 182 ms (at batch 2): the (T, T)
+# tensors outgrow the caches, and the fused kernel skips the masked half.
+COMPILED_MATMUL_BACKWARD_MAX_T = 256
+
+
+def compiled_matmul_backward(seq_len: int, dropout_p: float = 0.0, compiling: bool | None = None) -> bool:
+    """Whether causal attention on a CPU under bf16 autocast runs :class:`CausalAttentionCPU`.
+
+    Only inside ``torch.compile`` (``compiling``: default, ask torch): there inductor fuses the
+    elementwise work between the backward's matmuls into one loop; run eagerly, as separate
+    operators, the same backward is ~2.7x slower than the fused kernel. Not with dropout (the
+    fused kernel has none on CPU either) and only up to :data:`COMPILED_MATMUL_BACKWARD_MAX_T`.
+    The memory estimate asks this too (``minilm.memory``, ``compiled=True``).
+    """
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    return compiling and dropout_p == 0 and seq_len <= COMPILED_MATMUL_BACKWARD_MAX_T
+
+
+class CausalAttentionCPU(torch.autograd.Function):
+    """Causal attention: PyTorch's fused CPU kernel forward, its backward written out as matmuls.
+
+    Forward: ``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel SDPA itself calls
+    on a CPU, which also returns each query's logsumexp L_i = log Σ_j exp(s_ij). Backward, with
+    FlashAttention-2's numerics (``tests/test_attention.py`` compares it with the fused backward
+    and with fp64): the scores S = q kᵀ and dP = dY vᵀ recomputed in fp32 from the bf16 inputs,
+    P = exp(S/√D − L) (the forward's probabilities, no second softmax), and P and dS rounded to
+    bf16 only where they enter the last three matmuls. It holds four (B, H, T, T) tensors for a
+    moment, 12 bytes per score (``minilm.memory.compiled_attention_backward_bytes``).
+    q, k, v: (B, H, T, D) bf16 -> (B, H, T, D) bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        y, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, y, lse)  # what SDPA's own backward keeps: no (T, T) tensor
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, y, lse = ctx.saved_tensors  # lse: (B, H, T) fp32
+        T, scale = q.shape[-2], q.shape[-1] ** -0.5
+        s = q.float() @ k.float().transpose(-1, -2)  # (B, H, T, T) fp32
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        p = torch.exp(s * scale - lse.unsqueeze(-1)).masked_fill(future, 0.0)  # the forward's softmax
+        dp = dy.float() @ v.float().transpose(-1, -2)  # (B, H, T, T) fp32
+        # Softmax backward: dS = P ⊙ (dP − Σ_j P_ij dP_ij), and that row sum equals Σ_d dY ⊙ Y.
+        ds = (p * (dp - (dy.float() * y.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+        dq = ds @ k  # (B, H, T, D)
+        dk = ds.transpose(-1, -2) @ q
+        dv = p.to(v.dtype).transpose(-1, -2) @ dy
+        return dq, dk, dv
+
+
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
     """softmax(q kᵀ / √D + causal mask) v, written out step by step.
 
@@ -119,7 +177,9 @@ class CausalSelfAttention(nn.Module):
         if self.impl == "sdpa":
             p = self.dropout_p if self.training else 0.0
             cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            if cpu_autocast and sdpa_in_fp32(q.shape[-2], q.shape[-1], p):
+            if cpu_autocast and mask is None and q.dtype == torch.bfloat16 and compiled_matmul_backward(q.shape[-2], p):
+                y = CausalAttentionCPU.apply(q, k, v)  # compiled, short sequences: see the class
+            elif cpu_autocast and sdpa_in_fp32(q.shape[-2], q.shape[-1], p):
                 # PyTorch's CPU attention kernel is slower in bf16 than in fp32 at short sequences
                 # (see sdpa_in_fp32): there run it in fp32. The projections around it stay in bf16.
                 with torch.autocast("cpu", enabled=False):

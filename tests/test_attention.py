@@ -98,3 +98,88 @@ def test_sdpa_under_cpu_autocast_runs_in_bf16_where_that_is_faster(monkeypatch):
         y_fast, y_manual = fast(x), manual(x)
     assert seen == [torch.bfloat16] and y_fast.dtype == torch.bfloat16
     torch.testing.assert_close(y_fast.float(), y_manual.float(), rtol=3e-2, atol=3e-2)
+
+
+def _fp64_grads(q, k, v, dy):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    torch.nn.functional.scaled_dot_product_attention(q64, k64, v64, is_causal=True).backward(dy.double())
+    return q64.grad, k64.grad, v64.grad
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 16), (1, 2, 256, 64)])
+def test_matmul_backward_is_as_accurate_as_the_fused_kernels(shape):
+    """CausalAttentionCPU: the fused forward, and gradients no further from fp64 than the fused bf16 backward's."""
+    from minilm.attention import CausalAttentionCPU
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dy = torch.randn(shape, dtype=torch.bfloat16)
+    y = CausalAttentionCPU.apply(q, k, v)
+    y.backward(dy)
+    ours = q.grad, k.grad, v.grad
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    y_fused = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, is_causal=True)
+    y_fused.backward(dy)
+    assert torch.equal(y, y_fused)  # the same forward kernel
+    for name, mine, fused, exact in zip(
+        "qkv", ours, (q2.grad, k2.grad, v2.grad), _fp64_grads(q, k, v, dy), strict=True
+    ):
+        err = ((mine.double() - exact).norm() / exact.norm()).item()
+        err_fused = ((fused.double() - exact).norm() / exact.norm()).item()
+        assert mine.dtype == torch.bfloat16 and err < 1e-2, (name, err)
+        assert err <= 1.1 * err_fused, f"d{name}: {err:.2e} vs the fused kernel's {err_fused:.2e}"
+
+
+def test_matmul_backward_counts_the_closed_forms_attention_flops():
+    """Its five matmuls are the closed form's backward (8·s·d per token) plus SDPA's recompute (2·s·d)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minilm.attention import CausalAttentionCPU
+
+    B, H, T, D = 2, 3, 32, 8
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    y = CausalAttentionCPU.apply(q, k, v)
+    with FlopCounterMode(display=False) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == (8 + 2) * T * (H * D) * (B * T)
+
+
+def test_matmul_backward_only_where_it_was_measured_faster():
+    from minilm.attention import COMPILED_MATMUL_BACKWARD_MAX_T as max_t
+    from minilm.attention import compiled_matmul_backward
+
+    assert compiled_matmul_backward(max_t, compiling=True) and compiled_matmul_backward(16, compiling=True)
+    assert not compiled_matmul_backward(max_t + 1, compiling=True)
+    assert not compiled_matmul_backward(64, dropout_p=0.1, compiling=True)
+    assert not compiled_matmul_backward(64, compiling=False) and not compiled_matmul_backward(64)  # eager
+
+
+def test_compiled_attention_under_cpu_autocast_runs_the_matmul_backward():
+    """Traced by torch.compile under bf16 autocast: the fused kernel forward, no fused backward kernel,
+    and the same gradients as the eager module."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm)
+
+        return compiler
+
+    _, fast = pair(64, 2)  # head size 32
+    x = torch.randn(2, 48, 64)
+    compiled = torch.compile(fast, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    grads = []
+    for module in (compiled, fast):
+        fast.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+        y.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in fast.parameters()])
+    assert any("_scaled_dot_product_flash_attention_for_cpu" in t for t in graphs["forward"])
+    assert not any("flash_attention" in t for t in graphs["backward"]) and any("bmm" in t for t in graphs["backward"])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
