@@ -269,25 +269,50 @@ def block_forward_peak(cfg: Config, batch_size: int, seq_len: int, device_type: 
     return max(in_attention, in_mlp)
 
 
-def block_backward_extra(cfg: Config, batch_size: int, seq_len: int, device_type: str = "cuda") -> int:
+def compiled_attention_backward_bytes(cfg: Config, batch_size: int, seq_len: int, device_type: str = "cuda") -> int:
+    """Bytes attention's backward holds for a moment in a compiled CPU bf16 step, 0 where it does not run.
+
+    A compiled step in bf16 on a CPU runs causal attention's backward as matmuls at short
+    sequences (:class:`minilm.attention.CausalAttentionCPU`): at its fused elementwise kernel the
+    fp32 scores S and their gradient dP are read while bf16 P and dS are written, 12 bytes per
+    score, 12·a·b·s², plus the fp32 row sums of dY ⊙ Y (4·a·b·s). Small at 4 × 256: 24 MiB.
+    """
+    runs = (
+        device_type == "cpu"
+        and cfg.precision == "bf16"
+        and cfg.attention == "sdpa"
+        and attention.compiled_matmul_backward(seq_len, cfg.dropout, compiling=True)
+    )
+    a, b, s = cfg.n_heads, batch_size, seq_len
+    return 12 * a * b * s * s + 4 * a * b * s if runs else 0
+
+
+def block_backward_extra(
+    cfg: Config, batch_size: int, seq_len: int, device_type: str = "cuda", compiled: bool = False
+) -> int:
     """Bytes a block's backward pass holds on top of its saved activations, at its busiest.
 
     Two candidates. In the MLP, at GELU's backward, the gradients of GELU's output and
     input (2 × e·b·s·f) exist while the saved GELU output is already freed, and the
     output projection's weight gradient (4·d·f) has just been made: e·b·s·f + 4·d·f. In
     attention with materialised probabilities, the MLP's saved tensors are gone but the
-    s² gradients appear, with the MLP's and projection's weight gradients.
+    s² gradients appear, with the MLP's and projection's weight gradients. ``compiled``: a
+    compiled step, where on a CPU in bf16 attention's backward holds s² tensors too
+    (:func:`compiled_attention_backward_bytes`).
     """
     b, s, d, a, f = batch_size, seq_len, cfg.d_model, cfg.n_heads, cfg.ff_width
     _, e = _element_bytes(cfg)
     bsd = b * s * d
     mlp = e * b * s * f + 4 * d * f
     _, extra_per_score = _score_bytes(cfg, device_type)
-    if not extra_per_score:
+    scores = extra_per_score * a * b * s * s
+    if compiled:
+        scores += compiled_attention_backward_bytes(cfg, b, s, device_type)
+    if not scores:
         return mlp
     # Freed by then: GELU input and output, the fc and attention-projection inputs, ln_2's input.
     freed = 2 * e * b * s * f + 2 * e * bsd + 4 * bsd
-    attention = extra_per_score * a * b * s * s + 4 * (2 * d * f + d * d) - freed
+    attention = scores + 4 * (2 * d * f + d * d) - freed
     return max(mlp, attention)
 
 
@@ -442,6 +467,7 @@ def estimate_training_memory(
     gradient_as_bucket_view: bool = False,
     keep_logits: bool = False,
     chunked_loss: bool = False,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of one training step of ``GPT(cfg)`` on one device, as a :class:`MemoryEstimate`.
 
@@ -453,6 +479,10 @@ def estimate_training_memory(
     that writes ``logits, loss = model(x, y)`` does (e·b·s·V bytes more).
     ``chunked_loss=True`` is the trainer's loss, ``model(x, y, return_logits=False)``
     (:mod:`minilm.loss`): no (b, s, V) tensor, one chunk of logits at a time.
+    ``compiled=True``: the step runs under ``torch.compile``. The estimate still counts the
+    eager step's tensors (inductor's buffer reuse is not modelled), plus what only the compiled
+    step holds: on a CPU in bf16 at short sequences, attention's backward working set
+    (:func:`compiled_attention_backward_bytes`).
     ``device_type`` ('cuda' or 'cpu') selects the few kernel differences (dropout mask
     dtype, SDPA's fallback on CPU, softmax precision under autocast). 'mps' (Apple GPUs) is
     accepted and computed like 'cuda', but unvalidated: ``.validated`` is False and the table says so.
@@ -493,7 +523,7 @@ def estimate_training_memory(
     recompute = layer.total - 4 * bsd if cfg.gradient_checkpointing else 0
     bsV = b * s * V
     log_probs, ce_transient = 4 * bsV, 2 * 4 * bsV
-    block_tmp = block_backward_extra(cfg, b, s, device_type)
+    block_tmp = block_backward_extra(cfg, b, s, device_type, compiled)
     in_flight = 4 * bsd  # the fp32 gradient of the residual stream
 
     accumulating = cfg.grad_accumulation_steps > 1  # from micro-batch 2 on, gradients exist all step

@@ -361,6 +361,8 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
     message gives both numbers in GiB and the cheapest fix of :func:`minilm.sizing.plan_to_fit`.
     ``free_bytes`` overrides the measurement (tests).
     """
+    from minilm.compile_policy import compile_decision
+    from minilm.flops import flops_per_token
     from minilm.memory import GB, trainer_step_memory
     from minilm.sizing import Hardware, plan_to_fit
 
@@ -385,7 +387,8 @@ def check_memory(cfg: Config, device: torch.device, *, free_bytes: int | None = 
         )
     if free_bytes is None:
         return
-    need = trainer_step_memory(cfg, device_type=device.type).peak_bytes * per_process
+    compiled, _ = compile_decision(cfg, device, flops_per_token(cfg))  # as the trainer will decide
+    need = trainer_step_memory(cfg, device_type=device.type, compiled=compiled).peak_bytes * per_process
     if device.type == "cpu":
         need += eval_bytes * per_process
     if need <= free_bytes:

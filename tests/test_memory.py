@@ -218,3 +218,27 @@ def test_trainer_step_memory_is_the_chunked_loss_and_says_so():
     for full in ({"keep_logits": True}, {"chunked_loss": False}):
         with pytest.raises(ValueError, match="chunked"):
             trainer_step_memory(small, **full)
+
+
+def test_compiled_cpu_bf16_step_adds_attentions_backward_working_set():
+    """A compiled CPU bf16 step at short sequences runs attention's backward as matmuls (minilm.attention),
+    holding S, dP (fp32) and P, dS (bf16) at once: the estimate adds 12 bytes per score there, nowhere else."""
+    from minilm.attention import COMPILED_MATMUL_BACKWARD_MAX_T
+    from minilm.memory import block_backward_extra, compiled_attention_backward_bytes
+
+    cfg = Config(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=128, bf16=True, attention="sdpa")
+    b, s, a = 8, 128, 4
+    term = compiled_attention_backward_bytes(cfg, b, s, "cpu")
+    assert term == 12 * a * b * s * s + 4 * a * b * s
+    assert compiled_attention_backward_bytes(cfg, b, COMPILED_MATMUL_BACKWARD_MAX_T + 1, "cpu") == 0
+    assert compiled_attention_backward_bytes(cfg, b, s, "cuda") == 0
+    assert compiled_attention_backward_bytes(cfg.replace(bf16=False), b, s, "cpu") == 0
+    assert compiled_attention_backward_bytes(cfg.replace(dropout=0.1), b, s, "cpu") == 0
+    eager = estimate_training_memory(cfg, batch_size=b, device_type="cpu", chunked_loss=True)
+    compiled = estimate_training_memory(cfg, batch_size=b, device_type="cpu", chunked_loss=True, compiled=True)
+    assert block_backward_extra(cfg, b, s, "cpu", compiled=True) > block_backward_extra(cfg, b, s, "cpu")
+    moment = "last block backward"
+    extra = compiled.moments[moment]["backward temporaries"] - eager.moments[moment]["backward temporaries"]
+    assert 0 < extra <= term and compiled.peak_bytes >= eager.peak_bytes
+    cuda = dict(batch_size=b, device_type="cuda", chunked_loss=True)
+    assert estimate_training_memory(cfg, compiled=True, **cuda) == estimate_training_memory(cfg, **cuda)
