@@ -335,17 +335,24 @@ def time_runs(
 # ---------------------------------------------------------------------------------------
 # bf16 against fp32: loss curves from one initialisation on the same data
 # ---------------------------------------------------------------------------------------
-def loss_curves(cfg: Config, model: GPT, steps: int, cache_dir: str | None) -> dict[str, list[float]]:
-    """Train copies of ``model`` for ``steps`` steps in fp32 and in bf16 on the same Shakespeare batches."""
+def loss_curves(
+    cfg: Config, model: GPT, steps: int, cache_dir: str | None, default: Default | None = None
+) -> dict[str, list[float]]:
+    """Train copies of ``model`` for ``steps`` steps in fp32 and in bf16 on the same Shakespeare batches,
+    and, when ``default`` compiles, as the trainer's default runs (compiled: its own attention backward)."""
     from minilm.data import BatchSampler, prepare_data
 
     _, train, _ = prepare_data(cfg, cache_dir)
     sampler = BatchSampler(train, cfg.batch_size, cfg.max_seq_len, seed=cfg.seed)
     batches = [sampler.next_batch() for _ in range(steps)]
+    runs = [("fp32", None, False), ("bf16", torch.bfloat16, False)]
+    if default is not None and default.compile:
+        runs.append((default.label, torch.bfloat16 if default.precision == "bf16" else None, True))
     curves = {}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    for name, dtype, compiled in runs:
         m = copy.deepcopy(model)
-        step = make_step(m, make_optimizer(m, cfg, verbose=False), dtype)
+        opt = make_optimizer(m, cfg, verbose=False)
+        step = make_step(torch.compile(m) if compiled else m, opt, dtype)
         curves[name] = [step(x, y) for x, y in batches]
     return curves
 
@@ -559,18 +566,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if args.curve_steps and native:
             fresh = GPT(cfg)
             fresh.load_state_dict(initial)
-            curves = loss_curves(cfg, fresh, args.curve_steps, args.cache_dir)
-            diffs = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"], strict=True)]
+            curves = loss_curves(cfg, fresh, args.curve_steps, args.cache_dir, default)
             print(f"   loss curves, {args.curve_steps} steps from one init on Shakespeare ({cfg.tokenizer} tokens):")
-            print("     fp32: " + " ".join(f"{v:.3f}" for v in curves["fp32"]))
-            print("     bf16: " + " ".join(f"{v:.3f}" for v in curves["bf16"]))
+            for run, curve in curves.items():
+                print(f"     {run:<14} " + " ".join(f"{v:.3f}" for v in curve))
             drop = curves["fp32"][0] - curves["fp32"][-1]
-            print(
-                f"     max |fp32 - bf16| = {max(diffs):.4f} nats ({max(diffs) / drop:.1%} of the fp32 loss drop "
-                f"of {drop:.3f}); final {curves['fp32'][-1]:.4f} vs {curves['bf16'][-1]:.4f}"
-            )
+            max_diff = {}
+            for run, curve in curves.items():
+                if run == "fp32":
+                    continue
+                max_diff[run] = max(abs(a - b) for a, b in zip(curves["fp32"], curve, strict=True))
+                print(
+                    f"     max |fp32 - {run}| = {max_diff[run]:.4f} nats ({max_diff[run] / drop:.1%} of the fp32 "
+                    f"loss drop of {drop:.3f}); final {curves['fp32'][-1]:.4f} vs {curve[-1]:.4f}"
+                )
             results[name]["curves"] = curves
-            results[name]["curve_max_diff"] = max(diffs)
+            results[name]["curve_max_diff"] = max(max_diff.values())
     if args.save:
         save_record(results, args, peak)
     return results

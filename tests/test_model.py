@@ -104,3 +104,40 @@ def test_no_bias_variant_builds_and_counts():
     model = GPT(cfg)
     assert all("bias" not in n for n, _ in model.named_parameters())
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg).total
+
+
+def test_compiled_mlp_on_cpu_runs_atens_gelu_with_the_same_gradients():
+    """Under torch.compile on a CPU the MLP's exact GELU is the opaque minilm::gelu operator (PyTorch's own
+    kernel, faster there than inductor's), forward and backward; values and gradients equal eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from minilm.blocks import MLP
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm)
+
+        return compiler
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 64)
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(mlp, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    outs, grads = [], []
+    for module in (compiled, mlp):
+        mlp.zero_grad()
+        y = module(x)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in mlp.parameters()])
+    assert "minilm.gelu.default" in graphs["forward"] and "minilm.gelu_backward.default" in graphs["backward"]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    tanh = MLP(16, 64, activation="gelu_tanh")  # the approximation has no such operator: left to the compiler
+    torch.compile(tanh, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))(x)
+    assert "minilm.gelu.default" not in graphs["forward"]
