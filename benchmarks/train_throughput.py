@@ -76,7 +76,7 @@ for folder in (ROOT, ROOT / "benchmarks"):  # run from a checkout without instal
 
 import minilm.attention  # noqa: E402
 import minilm.step  # noqa: E402
-from minilm.compile_policy import compile_decision  # noqa: E402
+from minilm.compile_policy import compile_decision, compile_model  # noqa: E402
 from minilm.config import Config, load_config  # noqa: E402
 from minilm.flops import flops_per_token  # noqa: E402
 from minilm.flops import mfu as model_flops_utilisation  # noqa: E402
@@ -352,7 +352,7 @@ def loss_curves(
     for name, dtype, compiled in runs:
         m = copy.deepcopy(model)
         opt = make_optimizer(m, cfg, verbose=False)
-        step = make_step(torch.compile(m) if compiled else m, opt, dtype)
+        step = make_step(compile_model(m, torch.device("cpu")) if compiled else m, opt, dtype)
         curves[name] = [step(x, y) for x, y in batches]
     return curves
 
@@ -492,7 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             )
         if default.compile:  # as a full run of this config trains: compiled (the warm-up is not timed)
             dtype = torch.bfloat16 if default.precision == "bf16" else None
-            compiled = make_step(torch.compile(ours), make_optimizer(ours, cfg, verbose=False), dtype)
+            opt = make_optimizer(ours, cfg, verbose=False)
+            compiled = make_step(compile_model(ours, torch.device("cpu")), opt, dtype)
             start, wall = clock(), time.perf_counter()
             for _ in range(2):  # the first call compiles; the second catches a recompile
                 compiled(x, y)

@@ -28,6 +28,19 @@ COMPILE_WARMUP_S = 120.0  # seconds of warm-up to repay: the measured 27 s of CP
 CPU_TRAINING_FLOPS = 0.2e12  # model FLOP/s an eager CPU training step reached here (small, bf16, 1 thread)
 
 
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(model)`` as minilm's trainer runs it: on a CPU with inductor's C++ wrapper.
+
+    ``cpp_wrapper`` calls the generated kernels from C++ instead of a Python wrapper, which cost
+    ~16 ms of each small step at 4 x 256 (bf16, one thread): the step ran 2.4% and 2.9% faster in two
+    in-process A/B runs of 12 and 16 alternating steps, for a longer first compile (the wrapper is
+    C++ too: 51 s instead of 14 s, once; inductor caches both). GPUs get torch.compile's defaults.
+    """
+    if device.type == "cpu":
+        return torch.compile(model, options={"cpp_wrapper": True})
+    return torch.compile(model)
+
+
 def compile_decision(cfg: Config, device: torch.device, flops_per_token: float) -> tuple[bool, str]:
     """(compile or not, the reason in a few words, for the run header)."""
     if cfg.compile:

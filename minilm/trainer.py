@@ -21,7 +21,7 @@ from minilm import checkpoint as ckpt_io
 from minilm import distributed as dist_utils
 from minilm import report, resume, runs
 from minilm import step as one_step
-from minilm.compile_policy import compile_decision
+from minilm.compile_policy import compile_decision, compile_model
 from minilm.config import Config
 from minilm.data import BatchSampler, eval_batches, prepare_data, unigram_baseline
 from minilm.flops import flops_per_token
@@ -121,7 +121,7 @@ class Trainer:
 
         self.model: nn.Module = self.raw_model
         if self.compile:
-            self.model = torch.compile(self.model)  # state dicts still come from raw_model: no _orig_mod.
+            self.model = compile_model(self.model, self.device)  # state dicts come from raw_model: no _orig_mod.
         self.model = dist_utils.wrap(self.model, self.dist, self.device)
 
     def _init_counters(self) -> None:
