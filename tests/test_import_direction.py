@@ -17,7 +17,7 @@ LAYERS = {
     "formatting": {"formatting", "files"},
     # what a model is: its config, its shape's arithmetic (the config checks stated counts with it), its modules,
     # and how it generates text (GPT.generate wraps minilm.generation)
-    "model": {"config", "counting", "attention", "blocks", "loss", "model", "generation"},
+    "model": {"config", "counting", "aten_ops", "attention", "blocks", "loss", "model", "generation"},
     # what a model costs: FLOPs, memory, hardware peaks, the size planner
     "analytics": {"flops", "memory", "hardware", "sizing", "inference", "sharding"},
     # making and running one: data, precision, the step, the loop, checkpoints, measurement, the CLI

@@ -141,3 +141,43 @@ def test_compiled_mlp_on_cpu_runs_atens_gelu_with_the_same_gradients():
     tanh = MLP(16, 64, activation="gelu_tanh")  # the approximation has no such operator: left to the compiler
     torch.compile(tanh, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))(x)
     assert "minilm.gelu.default" not in graphs["forward"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_layer_norm_on_cpu_runs_atens_kernels_with_the_same_gradients(bias):
+    """minilm's LayerNorm is nn.LayerNorm (same state dict); compiled on a CPU it runs ATen's kernels through
+    the minilm::layer_norm operators (with a bias; without one, nn.LayerNorm's own path), values and gradients
+    as eager."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from minilm.aten_ops import LayerNorm
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm)
+
+        return compiler
+
+    torch.manual_seed(0)
+    norm = LayerNorm(16, bias=bias)
+    assert norm.state_dict().keys() == torch.nn.LayerNorm(16, bias=bias).state_dict().keys()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(norm, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    outs, grads = [], []
+    for module in (compiled, norm):
+        norm.zero_grad()
+        y = module(x)
+        (y * torch.arange(16.0)).square().sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in norm.parameters()])
+    assert ("minilm.layer_norm.default" in graphs["forward"]) == bias
+    assert ("minilm.layer_norm_backward.default" in graphs["backward"]) == bias
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
