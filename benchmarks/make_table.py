@@ -680,7 +680,12 @@ def render_throughput(record: dict) -> str:
         lines.append("")
         if r.get("profiles"):
             names = list(r["profiles"])
-            lines += [f"Top non-matmul operators at {name} (share of the step's operator time, torch.profiler):", ""]
+            lines += [
+                f"Top non-matmul operators at {name} (share of the step's profiled time, torch.profiler; "
+                '"(inductor loops, other)" is all that is no aten operator: a compiled step\'s generated loops, '
+                "and the Python and autograd overhead of every step):",
+                "",
+            ]
             depth = max(len(v) for v in r["profiles"].values())
             cells = [
                 [

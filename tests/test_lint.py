@@ -20,3 +20,19 @@ def ruff(*args: str) -> subprocess.CompletedProcess:
 def test_ruff(args):
     result = ruff(*args)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nbval_markers_are_lines_of_their_own():
+    """nbval honours `# NBVAL_IGNORE_OUTPUT` only as a whole comment line: text after it silently turns the
+    marker off, and the cell's varying output is then compared (lessons 06 and 13 had such lines)."""
+    import json
+
+    markers = {"NBVAL_IGNORE_OUTPUT", "NBVAL_CHECK_OUTPUT", "NBVAL_RAISES_EXCEPTION", "NBVAL_SKIP"}
+    bad = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            for line in "".join(cell["source"]).splitlines():
+                comment = line.strip().lstrip("#").strip()
+                if line.strip().startswith("#") and "NBVAL" in comment and comment not in markers:
+                    bad.append(f"{path.name}: {line.strip()}")
+    assert not bad, bad
