@@ -7,7 +7,10 @@ were slower than ATen's kernels: GELU on 2M bf16 values, forward 1.59 vs 1.10 ms
 ~2 ms per (1024, 512) call. Wrapped as custom operators (``torch.library.custom_op``, forward
 and backward each), they stay ATen's kernels inside the compiled graph. The small config's
 compiled bf16 step at 4 x 256 ran 5% faster with the GELU operators (two in-process A/B runs of
-12 and 14 alternating steps) and a further 4-6% with the LayerNorm ones (12 and 14 steps).
+12 and 14 alternating steps) and 4-6% faster with the LayerNorm ones (12 and 14 steps), but the
+gains do not add up: both together with inductor's C++ wrapper (``compile_policy.compile_model``)
+against none of the three measured 0-2% (0.978 and 1.000 of the step time, 16 and 14 steps), on
+a shared machine where such runs scatter by about 3%.
 
 :class:`minilm.blocks.MLP` and :class:`LayerNorm` use them only when compiling on a CPU; eagerly
 they would be the same kernels behind an extra call, and on a GPU inductor's own code is good.
