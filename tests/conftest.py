@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files: one CPU thread, and a micro model on a slice of Shakespeare."""
+"""Fixtures shared by the test files: one CPU thread, a micro model on a slice of Shakespeare, a graph tracer."""
 
 from pathlib import Path
 
@@ -125,3 +125,49 @@ def _one_process_on_the_global_batch(launched, monkeypatch):
     loss = single.compute_gradients(batches)
     torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, loss)
     return r0, r1, single, loss
+
+
+class GraphTracer:
+    """torch.compile through AOTAutograd without generating code, noting each graph's operators.
+
+    ``compile(module)`` returns the compiled module; after a call, ``graphs['forward']`` and (after a
+    backward) ``graphs['backward']`` hold the operator names of the last graphs traced, e.g.
+    'minilm.gelu.default'. ``outputs_and_grads`` runs the compiled module and then the module itself.
+    """
+
+    def __init__(self):
+        self.graphs: dict[str, set[str]] = {}
+
+    def _keep(self, kind: str):
+        from functorch.compile import make_boxed_func
+
+        def compiler(gm, _):
+            self.graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            return make_boxed_func(gm)
+
+        return compiler
+
+    def compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        from torch._dynamo.backends.common import aot_autograd
+
+        return torch.compile(
+            module, backend=aot_autograd(fw_compiler=self._keep("forward"), bw_compiler=self._keep("backward"))
+        )
+
+    def outputs_and_grads(self, module, x, loss, context=None):
+        """[(output, [parameter gradients]) compiled, (...) eager] of ``loss(module(x)).backward()``."""
+        import contextlib
+
+        results = []
+        for m in (self.compile(module), module):
+            module.zero_grad()
+            with context() if context else contextlib.nullcontext():
+                y = m(x)
+            loss(y).backward()
+            results.append((y.detach(), [p.grad.clone() for p in module.parameters()]))
+        return results
+
+
+@pytest.fixture
+def tracer() -> GraphTracer:
+    return GraphTracer()

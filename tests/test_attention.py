@@ -154,32 +154,15 @@ def test_matmul_backward_only_where_it_was_measured_faster():
     assert not compiled_matmul_backward(64, compiling=False) and not compiled_matmul_backward(64)  # eager
 
 
-def test_compiled_attention_under_cpu_autocast_runs_the_matmul_backward():
+def test_compiled_attention_under_cpu_autocast_runs_the_matmul_backward(tracer):
     """Traced by torch.compile under bf16 autocast: the fused kernel forward, no fused backward kernel,
     and the same gradients as the eager module."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, _):
-            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(gm)
-
-        return compiler
-
     _, fast = pair(64, 2)  # head size 32
     x = torch.randn(2, 48, 64)
-    compiled = torch.compile(fast, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
-    grads = []
-    for module in (compiled, fast):
-        fast.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = module(x)
-        y.float().square().sum().backward()
-        grads.append([p.grad.clone() for p in fast.parameters()])
-    assert any("_scaled_dot_product_flash_attention_for_cpu" in t for t in graphs["forward"])
-    assert not any("flash_attention" in t for t in graphs["backward"]) and any("bmm" in t for t in graphs["backward"])
-    for a, b in zip(*grads, strict=True):
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    (_, g_compiled), (_, g_eager) = tracer.outputs_and_grads(fast, x, lambda y: y.float().square().sum(), bf16)
+    assert any("_scaled_dot_product_flash_attention_for_cpu" in t for t in tracer.graphs["forward"])
+    backward = tracer.graphs["backward"]
+    assert not any("flash_attention" in t for t in backward) and any("bmm" in t for t in backward)
+    for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)

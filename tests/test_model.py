@@ -106,61 +106,31 @@ def test_no_bias_variant_builds_and_counts():
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg).total
 
 
-def test_compiled_mlp_on_cpu_runs_atens_gelu_with_the_same_gradients():
+def test_compiled_mlp_on_cpu_runs_atens_gelu_with_the_same_gradients(tracer):
     """Under torch.compile on a CPU the MLP's exact GELU is the opaque minilm::gelu operator (PyTorch's own
     kernel, faster there than inductor's), forward and backward; values and gradients equal eager's."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     from minilm.blocks import MLP
-
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, _):
-            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(gm)
-
-        return compiler
 
     torch.manual_seed(0)
     mlp = MLP(16, 64)
     x = torch.randn(2, 5, 16)
-    compiled = torch.compile(mlp, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
-    outs, grads = [], []
-    for module in (compiled, mlp):
-        mlp.zero_grad()
-        y = module(x)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append([p.grad.clone() for p in mlp.parameters()])
-    assert "minilm.gelu.default" in graphs["forward"] and "minilm.gelu_backward.default" in graphs["backward"]
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    for a, b in zip(*grads, strict=True):
+    (y_compiled, g_compiled), (y_eager, g_eager) = tracer.outputs_and_grads(mlp, x, lambda y: y.square().sum())
+    assert "minilm.gelu.default" in tracer.graphs["forward"]
+    assert "minilm.gelu_backward.default" in tracer.graphs["backward"]
+    torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
+    for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b)
     tanh = MLP(16, 64, activation="gelu_tanh")  # the approximation has no such operator: left to the compiler
-    torch.compile(tanh, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))(x)
-    assert "minilm.gelu.default" not in graphs["forward"]
+    tracer.compile(tanh)(x)
+    assert "minilm.gelu.default" not in tracer.graphs["forward"]
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_compiled_layer_norm_on_cpu_runs_atens_kernels_with_the_same_gradients(bias):
+def test_compiled_layer_norm_on_cpu_runs_atens_kernels_with_the_same_gradients(bias, tracer):
     """minilm's LayerNorm is nn.LayerNorm (same state dict); compiled on a CPU it runs ATen's kernels through
     the minilm::layer_norm operators (with a bias; without one, nn.LayerNorm's own path), values and gradients
     as eager."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     from minilm.aten_ops import LayerNorm
-
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, _):
-            graphs[kind] = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-            return make_boxed_func(gm)
-
-        return compiler
 
     torch.manual_seed(0)
     norm = LayerNorm(16, bias=bias)
@@ -168,16 +138,12 @@ def test_compiled_layer_norm_on_cpu_runs_atens_kernels_with_the_same_gradients(b
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(2, 5, 16)
-    compiled = torch.compile(norm, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
-    outs, grads = [], []
-    for module in (compiled, norm):
-        norm.zero_grad()
-        y = module(x)
-        (y * torch.arange(16.0)).square().sum().backward()
-        outs.append(y.detach())
-        grads.append([p.grad.clone() for p in norm.parameters()])
-    assert ("minilm.layer_norm.default" in graphs["forward"]) == bias
-    assert ("minilm.layer_norm_backward.default" in graphs["backward"]) == bias
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(*grads, strict=True):
+    weighted = torch.arange(16.0)
+    (y_compiled, g_compiled), (y_eager, g_eager) = tracer.outputs_and_grads(
+        norm, x, lambda y: (y * weighted).square().sum()
+    )
+    assert ("minilm.layer_norm.default" in tracer.graphs["forward"]) == bias
+    assert ("minilm.layer_norm_backward.default" in tracer.graphs["backward"]) == bias
+    torch.testing.assert_close(y_compiled, y_eager)
+    for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b)
