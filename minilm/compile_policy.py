@@ -40,10 +40,14 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     ~16 ms of each small step at 4 x 256 (bf16, one thread): the step ran 2.4% and 2.9% faster in two
     in-process A/B runs of 12 and 16 alternating steps (with :mod:`minilm.aten_ops` as well, 0-2%:
     see there), for a longer first compile (the wrapper is C++ too: 51 s instead of 14 s, once;
-    inductor caches both). GPUs get torch.compile's defaults.
+    inductor caches both). On a CPU its backward graphs also get
+    :class:`minilm.graph_passes.ScatterIntoSum`, which adds a tied embedding's rows straight into
+    the head's gradient. GPUs get torch.compile's defaults.
     """
     if device.type == "cpu":
-        return torch.compile(model, options={"cpp_wrapper": True})
+        from minilm.graph_passes import ScatterIntoSum  # imports inductor (~1 s): only when compiling
+
+        return torch.compile(model, options={"cpp_wrapper": True, "post_grad_custom_post_pass": ScatterIntoSum()})
     return torch.compile(model)
 
 

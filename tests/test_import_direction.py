@@ -32,6 +32,7 @@ LAYERS = {
         "sharded_checkpoint",
         "runs",
         "compile_policy",
+        "graph_passes",
         "checkpoint",
         "resume",
         "distributed",
