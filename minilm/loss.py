@@ -85,12 +85,12 @@ def _chunk(
     loss = ((top + total.log() - target_logit) * share).sum()  # (logsumexp - target logit), weighted
     if grad_h_c is not None:
         # d loss / d logits = (softmax - onehot(target)) · share. The target's entry is computed
-        # in fp32 first, then written over the rounded row: the same numbers as subtracting the
-        # onehot before rounding, but the (n, V) fp32 gradient need not exist, which lets a
-        # compiled step write the bf16 row straight from the exponentials (one pass fewer over
-        # 4·n·V bytes, and one fewer write of them).
+        # apart, in fp32 from its gathered logit, and written over the rounded row: the same numbers
+        # as subtracting the onehot before rounding, but nothing reads the (n, V) fp32 values except
+        # to round them, so a compiled step writes the bf16 row straight from the exponentials
+        # (no fp32 (n, V) buffer written and read back).
         scale = share / total  # (n, 1)
-        d_target = probs.gather(1, t_c) * scale - share  # (n, 1) fp32
+        d_target = (target_logit - top).exp() * scale - share  # (n, 1) fp32
         dlogits = probs.mul_(scale).to(w.dtype).scatter_(1, t_c, d_target.to(w.dtype))
         grad_h_c.copy_(dlogits @ w)  # (n, C)
         if w.dtype == torch.float32:
