@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minilm import aten_ops
+
 # Sequence length x head size² at and above which PyTorch's CPU attention kernel (torch 2.13)
 # runs faster in bf16 than in fp32 with the casts around it. Measured forward + backward on an
 # AVX512-BF16 + AMX CPU, one thread (time in bf16 / time in fp32): head size 64: T=128 1.82,
@@ -156,8 +158,8 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = n_heads
         self.impl = impl
         self.dropout_p = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.qkv = aten_ops.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = aten_ops.Linear(d_model, d_model, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 

@@ -15,10 +15,10 @@ class MLP(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True, activation: str = "gelu"):
         super().__init__()
-        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.fc = aten_ops.Linear(d_model, d_ff, bias=bias)
         # GPT-2 used the tanh approximation ("gelu_new"); exact GELU is the modern default.
         self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
-        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.proj = aten_ops.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)

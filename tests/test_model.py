@@ -147,3 +147,54 @@ def test_compiled_layer_norm_on_cpu_runs_atens_kernels_with_the_same_gradients(b
     torch.testing.assert_close(y_compiled, y_eager)
     for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_bf16_linear_on_cpu_runs_onednns_fused_bias_with_the_same_gradients(bias, tracer):
+    """minilm's Linear is nn.Linear (same state dict); compiled on a CPU under bf16 autocast, with a bias, its
+    forward is the minilm::linear operator (oneDNN adds the bias inside the matmul, where addmm first copies
+    it into the output); without a bias, or in fp32, it is nn.Linear's own matmul. Values and gradients as
+    eager's."""
+    from minilm.aten_ops import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(16, 24, bias=bias)
+    assert lin.state_dict().keys() == torch.nn.Linear(16, 24, bias=bias).state_dict().keys()
+    x = torch.randn(2, 5, 16)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    (y_compiled, g_compiled), (y_eager, g_eager) = tracer.outputs_and_grads(
+        lin, x, lambda y: y.float().square().sum(), context=bf16
+    )
+    assert ("minilm.linear.default" in tracer.graphs["forward"]) == bias
+    assert y_compiled.dtype == y_eager.dtype == torch.bfloat16
+    torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)  # the same oneDNN matmul, rounded once
+    for a, b in zip(g_compiled, g_eager, strict=True):
+        assert a.dtype == torch.float32  # the parameters' own dtype, as eager's
+        torch.testing.assert_close(a, b)
+    tracer.compile(lin)(x)  # fp32: left to the compiler
+    assert "minilm.linear.default" not in tracer.graphs["forward"]
+
+
+def test_minilm_linear_counts_the_flops_of_the_matmul_it_replaces():
+    """FlopCounterMode counts minilm::linear as it counts F.linear (addmm: the matmul's 2·N·in·out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minilm import aten_ops
+
+    x, w, b = torch.randn(6, 16), torch.randn(24, 16), torch.randn(24)
+    counts = []
+    for f in (aten_ops.linear, torch.nn.functional.linear):
+        with FlopCounterMode(display=False) as counter:
+            f(x, w, b)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 6 * 16 * 24
+
+
+def test_the_model_compiles_to_one_graph_on_a_cpu_in_bf16():
+    """The CPU operators' conditions (minilm.aten_ops, the attention rule) are traceable: a graph break would
+    split the step and undo their fusions (asking torch.backends.mkldnn.is_available() inside forward did)."""
+    model = GPT(micro(bias=True))
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(ids, ids, return_logits=False)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
