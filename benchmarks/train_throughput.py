@@ -91,6 +91,8 @@ from minilm.optim import make_optimizer  # noqa: E402
 from minilm.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+# oneDNN's Linear with a fused bias: what minilm.aten_ops.linear runs in a compiled CPU bf16 step
+MATMUL_OPS += ("mkldnn::_linear_pointwise",)
 
 # Benchmark shapes: tiny at its own training shape; small at a modest one that fits a CPU minute.
 SHAPES = {"tiny": (32, 128), "small": (4, 256)}  # name -> (batch, seq)
@@ -278,8 +280,8 @@ def top_non_matmul(step: Callable, x: torch.Tensor, y: torch.Tensor, steps: int 
         for _ in range(steps):
             step(x, y)
     every = prof.key_averages()
-    events = [e for e in every if e.key.startswith("aten::")]
-    aten = sum(e.self_cpu_time_total for e in events)
+    events = [e for e in every if e.key.startswith(("aten::", "mkldnn::"))]
+    named = sum(e.self_cpu_time_total for e in events)  # ATen and oneDNN operators
     total = sum(e.self_cpu_time_total for e in every)
     rows = sorted((e for e in events if e.key not in MATMUL_OPS), key=lambda e: -e.self_cpu_time_total)[:top]
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
@@ -288,7 +290,7 @@ def top_non_matmul(step: Callable, x: torch.Tensor, y: torch.Tensor, steps: int 
     ]
     # A compiled step's own loops (inductor's generated C++) are no aten operator: they show up here,
     # with the Python and autograd overhead that every step has.
-    other = total - aten
+    other = total - named
     out.append(("(inductor loops, other)", other / 1e3 / steps, other / total))
     return [("(all matmuls)", matmul / 1e3 / steps, matmul / total), *sorted(out, key=lambda r: -r[1])[:top]]
 
