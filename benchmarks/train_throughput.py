@@ -579,7 +579,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 # The profiler cannot see into inductor's C++ wrapper (not even the matmuls it calls), so the
                 # compiled default is profiled as compiled without it: the same kernels, called from Python.
                 dtype = torch.bfloat16 if default.precision == "bf16" else None
-                plain = make_step(torch.compile(ours), make_optimizer(ours, cfg, verbose=False), dtype)
+                wrapper = compile_model(ours, torch.device("cpu"), cpp_wrapper=False)
+                plain = make_step(wrapper, make_optimizer(ours, cfg, verbose=False), dtype)
                 plain(x, y)  # compiles
                 profiles[f"minilm compiled {default.precision} (Python wrapper)"] = top_non_matmul(
                     plain, x, y, args.profile_steps

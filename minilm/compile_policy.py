@@ -34,7 +34,7 @@ COMPILE_WARMUP_S = 120.0  # seconds of warm-up to repay: the measured 27 s of CP
 CPU_TRAINING_FLOPS = 0.2e12  # model FLOP/s an eager CPU training step reached here (small, bf16, 1 thread)
 
 
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, device: torch.device, cpp_wrapper: bool = True) -> torch.nn.Module:
     """``torch.compile(model)`` as minilm's trainer runs it: on a CPU with inductor's C++ wrapper.
 
     ``cpp_wrapper`` calls the generated kernels from C++ instead of a Python wrapper, which cost
@@ -43,12 +43,14 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     see there), for a longer first compile (the wrapper is C++ too: 51 s instead of 14 s, once;
     inductor caches both). On a CPU its backward graphs also get
     :class:`minilm.graph_passes.ScatterIntoSum`, which adds a tied embedding's rows straight into
-    the head's gradient. GPUs get torch.compile's defaults.
+    the head's gradient. GPUs get torch.compile's defaults. ``cpp_wrapper=False`` keeps the Python
+    wrapper, which a profiler can see into (the benchmark's profile of the compiled step).
     """
     if device.type == "cpu":
         from minilm.graph_passes import ScatterIntoSum  # imports inductor (~1 s): only when compiling
 
-        return torch.compile(model, options={"cpp_wrapper": True, "post_grad_custom_post_pass": ScatterIntoSum()})
+        options = {"cpp_wrapper": cpp_wrapper, "post_grad_custom_post_pass": ScatterIntoSum()}
+        return torch.compile(model, options=options)
     return torch.compile(model)
 
 
