@@ -1,5 +1,7 @@
 """The readable einops attention and the fused SDPA kernel compute the same function."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -166,3 +168,27 @@ def test_compiled_attention_under_cpu_autocast_runs_the_matmul_backward(tracer):
     assert not any("flash_attention" in t for t in backward) and any("bmm" in t for t in backward)
     for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+def test_compiled_under_autocast_the_matmul_backward_keeps_its_scores_in_fp32(tracer):
+    """Compiled, autocast reaches into an autograd.Function's backward: q.float() @ k.float() there became a
+    bf16 matmul, the scores rounded to bf16. Through aten_ops.matmul_nt_of_bf16_values they stay fp32, so the
+    compiled backward gives the eager one's gradients (rounding aside)."""
+    from minilm.attention import CausalAttentionCPU
+
+    class Attend(torch.nn.Module):
+        def forward(self, qkv):
+            return CausalAttentionCPU.apply(*qkv.unbind(0))
+
+    torch.manual_seed(0)
+    qkv = (3 * torch.randn(3, 1, 2, 128, 32)).bfloat16().requires_grad_()  # large scores: rounding shows
+    dy = torch.randn(1, 2, 128, 32, dtype=torch.bfloat16)
+    grads = []
+    for module, context in ((tracer.compile(Attend()), torch.autocast("cpu", dtype=torch.bfloat16)), (Attend(), None)):
+        qkv.grad = None
+        with context or contextlib.nullcontext():
+            y = module(qkv)
+        y.backward(dy)
+        grads.append(qkv.grad.double())
+    assert "minilm.matmul_nt_of_bf16_values.default" in tracer.graphs["backward"]
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-3
