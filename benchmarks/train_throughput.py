@@ -26,7 +26,8 @@ the compiled default (compiled without inductor's C++ wrapper for this, which th
 see into), whose own generated loops are no aten operator: one row, "(inductor loops, other)",
 holds them with the Python and autograd overhead. A compiled CPU step runs its own
 kernels where they measured faster (``minilm.compile_policy.compile_model``: inductor's C++
-wrapper; ``minilm.aten_ops``: ATen's GELU and LayerNorm; ``minilm.attention.CausalAttentionCPU``:
+wrapper and ``minilm.graph_passes``' rewrite of the tied embedding's gradient; ``minilm.aten_ops``:
+ATen's GELU and LayerNorm, oneDNN's Linear with its bias fused; ``minilm.attention.CausalAttentionCPU``:
 attention's backward as matmuls), and its loss curve is checked against fp32 too.
 
 What one "step" is: forward, cross-entropy loss, backward, AdamW update, zero_grad, on one

@@ -80,17 +80,19 @@ class CausalAttentionCPU(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, y, lse = ctx.saved_tensors  # lse: (B, H, T) fp32
         T, scale = q.shape[-2], q.shape[-1] ** -0.5
-        # (Through aten_ops.matmul_nt_of_bf16_values, not @: compiled, autocast reaches into this
-        # backward and ran q.float() @ k.float().mT as a bf16 matmul, the scores rounded to bf16.)
-        s = aten_ops.matmul_nt_of_bf16_values(q.float(), k.float())  # (B, H, T, T) fp32: q kᵀ
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        p = torch.exp(s * scale - lse.unsqueeze(-1)).masked_fill(future, 0.0)  # the forward's softmax
-        dp = aten_ops.matmul_nt_of_bf16_values(dy.float(), v.float())  # (B, H, T, T) fp32: dY vᵀ
-        # Softmax backward: dS = P ⊙ (dP − Σ_j P_ij dP_ij), and that row sum equals Σ_d dY ⊙ Y.
-        ds = (p * (dp - (dy.float() * y.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
-        dq = ds @ k  # (B, H, T, D)
-        dk = ds.transpose(-1, -2) @ q
-        dv = p.to(v.dtype).transpose(-1, -2) @ dy
+        # Eagerly a backward runs without autocast; traced by torch.compile it ran under the forward's,
+        # which made the fp32 score matmuls bf16 ones (scores rounded to bf16). The precisions are set here.
+        with torch.autocast(q.device.type, enabled=False):
+            # fp32 products of bf16 values, on the bf16 units (aten_ops.matmul_nt_of_bf16_values)
+            s = aten_ops.matmul_nt_of_bf16_values(q.float(), k.float())  # (B, H, T, T) fp32: q kᵀ
+            future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+            p = torch.exp(s * scale - lse.unsqueeze(-1)).masked_fill(future, 0.0)  # the forward's softmax
+            dp = aten_ops.matmul_nt_of_bf16_values(dy.float(), v.float())  # (B, H, T, T) fp32: dY vᵀ
+            # Softmax backward: dS = P ⊙ (dP − Σ_j P_ij dP_ij), and that row sum equals Σ_d dY ⊙ Y.
+            ds = (p * (dp - (dy.float() * y.float()).sum(-1, keepdim=True)) * scale).to(q.dtype)
+            dq = ds @ k  # (B, H, T, D)
+            dk = ds.transpose(-1, -2) @ q
+            dv = p.to(v.dtype).transpose(-1, -2) @ dy
         return dq, dk, dv
 
 
