@@ -18,6 +18,7 @@ of processes the launcher started, so a config states how it is meant to be run.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -291,5 +292,27 @@ def barrier(info: DistInfo) -> None:
 
 def cleanup(info: DistInfo) -> None:
     """Leave the process group (safe to call twice)."""
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    if info.enabled:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group so that the process can exit cleanly (no-op if none).
+
+    Gloo's worker threads release a collective's tensors just *after* the collective completes.
+    When a worker holds the last reference to a tensor that Python has seen (FSDP's gathered
+    buffers, a state dict's full tensors), releasing it takes the GIL; if the interpreter has
+    begun to shut down by then, the thread is killed inside a destructor and the whole process
+    aborts with "terminate called without an active exception" (pytorch/pytorch#190489; about
+    one FSDP run in ten that saved a state dict and exited at once, on a 2-core machine). So the
+    main thread lets go of the GIL for a moment, in which the workers finish releasing what
+    they hold. (No barrier: this also runs on the way out of a failed rank, whose peers would
+    wait at it for ever.)
+    """
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    time.sleep(_WORKER_RELEASE_S)
+
+
+_WORKER_RELEASE_S = 0.05

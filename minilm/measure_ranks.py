@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 from minilm import step
 from minilm.config import Config
+from minilm.distributed import leave_process_group
 from minilm.measure import LiveStorageTracker
 from minilm.model import GPT
 from minilm.optim import make_optimizer
@@ -103,7 +104,7 @@ def _worker(rank: int, world_size: int, store: str, jobs: list, seed: int, optim
             queue.put((key, strategy, rank, _rank_peak(cfg, strategy, rank, seed, optimizer)))
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def measure_rank_peaks(

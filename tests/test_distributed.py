@@ -72,3 +72,20 @@ def test_torchrun_cli_run_and_only_rank0_writes(launched, monkeypatch):
     single = Trainer(cfg.replace(batch_size=4), progress=False, verbose=False, sample_tokens=0).train()
     ddp_losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert ddp_losses == pytest.approx(single.losses, rel=1e-4)
+
+
+def test_leave_process_group_destroys_the_group_and_may_be_called_again(tmp_path):
+    import torch.distributed as dist
+
+    from minilm.distributed import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        leave_process_group()
+        assert not dist.is_initialized()
+        leave_process_group()  # nothing to leave: no error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -22,7 +22,7 @@ CFG = Config(vocab_size=256, d_model=32, n_heads=2, n_layers=2, max_seq_len=16, 
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from minilm.config import Config
-from minilm.distributed import apply_fsdp, full_model_state
+from minilm.distributed import apply_fsdp, full_model_state, leave_process_group
 from minilm.model import GPT
 from minilm.optim import make_optimizer
 from minilm.sharded_checkpoint import save_sharded
@@ -54,7 +54,7 @@ loss = step(1)
 state = full_model_state(model)
 if rank == 0:
     torch.save({"batches": batches, "loss": loss, "state": state}, f"{out}/after.pt")
-dist.destroy_process_group()
+leave_process_group()  # not destroy_process_group alone: see its docstring
 """
 
 
