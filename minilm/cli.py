@@ -250,8 +250,10 @@ def run_train(argv: list[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        elif torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        elif torch.distributed.is_available():
+            from minilm.distributed import leave_process_group
+
+            leave_process_group()
     if result.status == "non_finite":
         print(result.message, file=sys.stderr)
         return EXIT_FAILED
