@@ -45,11 +45,17 @@ def compile_model(model: torch.nn.Module, device: torch.device, cpp_wrapper: boo
     :class:`minilm.graph_passes.ScatterIntoSum`, which adds a tied embedding's rows straight into
     the head's gradient. GPUs get torch.compile's defaults. ``cpp_wrapper=False`` keeps the Python
     wrapper, which a profiler can see into (the benchmark's profile of the compiled step).
+
+    A model that checkpoints its activations keeps the Python wrapper: the recomputed forward
+    saves and restores the RNG state around SDPA's kernel (it could draw dropout), and the C++
+    wrapper cannot call that operator (torch 2.13 fails the compile with an AssertionError
+    naming ``RunAndSaveRngState``, even at dropout 0).
     """
     if device.type == "cpu":
         from minilm.graph_passes import ScatterIntoSum  # imports inductor (~1 s): only when compiling
 
-        options = {"cpp_wrapper": cpp_wrapper, "post_grad_custom_post_pass": ScatterIntoSum()}
+        checkpointed = bool(getattr(model, "gradient_checkpointing", False))
+        options = {"cpp_wrapper": cpp_wrapper and not checkpointed, "post_grad_custom_post_pass": ScatterIntoSum()}
         return torch.compile(model, options=options)
     return torch.compile(model)
 
