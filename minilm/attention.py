@@ -72,6 +72,10 @@ class CausalAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q, k, v arrive as head-major views of the (B, T, 3C) projection. Contiguous copies (one fused
+        # pass, the same bytes kept for backward) spare the backward's matmuls a copy each: 2% of the
+        # compiled small step (in-process A/B runs: 0.980, 0.979).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         y, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
         ctx.save_for_backward(q, k, v, y, lse)  # what SDPA's own backward keeps: no (T, T) tensor
         return y
@@ -83,9 +87,9 @@ class CausalAttentionCPU(torch.autograd.Function):
         # Eagerly a backward runs without autocast; traced by torch.compile it ran under the forward's,
         # which made the fp32 score matmuls bf16 ones (scores rounded to bf16). The precisions are set here.
         with torch.autocast(q.device.type, enabled=False):
-            # fp32 products of bf16 values, on the bf16 units (aten_ops.matmul_nt_of_bf16_values). q, k,
-            # v and dY are head-major views of (B, T, H, D) rows; made contiguous in the same pass as
-            # the fp32 copy, so that the matmul needs no second copy (2% of the compiled small step).
+            # fp32 products of bf16 values, on the bf16 units (aten_ops.matmul_nt_of_bf16_values). dY is
+            # a head-major view of (B, T, H, D) rows: made contiguous in the same pass as its fp32 copy,
+            # so that the matmul needs no second copy (2% of the compiled small step, with q, k, v's).
             s = aten_ops.matmul_nt_of_bf16_values(_fp32(q), _fp32(k))  # (B, H, T, T) fp32: q kᵀ
             future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
             p = torch.exp(s * scale - lse.unsqueeze(-1)).masked_fill(future, 0.0)  # the forward's softmax
