@@ -9,7 +9,7 @@ embedding's gradient (:mod:`minilm.graph_passes`). On the CPU this toolkit was t
 AVX512-BF16 and AMX, torch 2.13, one thread, the small config at batch 4 x 256 in bf16) a
 compiled step first took 848 ms against 1,000 ms eager, about 15% less, after a warm-up of 27 s
 of the process's own CPU time plus the C++ compiler's (several minutes of wall time on a busy
-shared machine). With them, eager over compiled was 1.19-1.32x in twelve runs of the throughput
+shared machine). With them, eager over compiled was 1.19-1.32x in fifteen runs of the throughput
 benchmark (16-24% less time; the machine was shared and often throttled). The policy keeps the
 15%: at the config's own 1,024-token sequences attention's backward stays PyTorch's fused kernel.
 
