@@ -485,8 +485,9 @@ def estimate_training_memory(
     (:func:`compiled_attention_backward_bytes`). Against the compiled CPU step, measured by the
     CPU allocator's records (``measure_training_step(..., compiled=True)``), it was within 10%
     on 15 of the 16 grid cases of the d128 validation shape (−7.1% to +9.6%) and 15.5% high on
-    one (batch 4 × 64, bf16): it errs high where inductor reuses buffers, the safe side for a
-    memory check. ``tests/test_memory.py`` checks four cases, never more than 10% low nor 20% high.
+    one (batch 4 × 64, bf16): in bf16 it mostly errs high, where inductor reuses buffers (the safe
+    side for a memory check); in fp32 the compiled forward held up to 7.1% more than estimated.
+    ``tests/test_memory.py`` checks four cases, never more than 10% low nor 20% high.
     ``device_type`` ('cuda' or 'cpu') selects the few kernel differences (dropout mask
     dtype, SDPA's fallback on CPU, softmax precision under autocast). 'mps' (Apple GPUs) is
     accepted and computed like 'cuda', but unvalidated: ``.validated`` is False and the table says so.
