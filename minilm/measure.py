@@ -303,8 +303,10 @@ def measure_cpu_allocations(run: Callable[[Callable[[str], None]], None], start_
     buffers that torch.compile's generated code allocates, and buffers an operator allocates
     inside itself and never returns (``scatter_``'s, in the loss). On fp32 eager steps of the d128
     validation shape the two instruments agreed to the byte at 4 × 256, 1 × 256 and 4 × 64
-    (``tests/test_memory.py``); at 1 × 64 the tracker's backward peak was 480 KiB higher, which
-    is not explained. In bf16 this one reads up to ~10% more.
+    (``tests/test_memory.py``). At 1 × 64 the tracker's backward peak was 480 KiB higher, and so
+    is this instrument's when any ``TorchDispatchMode`` is active, even a pass-through: a mode
+    changes the step it watches there (apparently autograd then sums the tied embedding's two
+    gradients out of place). In bf16 this one reads up to ~10% more.
     ``set_phase(name)`` marks where each phase begins (a zero-length profiler range).
     """
     from torch.profiler import ProfilerActivity, profile, record_function

@@ -267,6 +267,32 @@ def test_the_allocators_records_agree_with_the_storage_tracker_on_fp32_eager_ste
     assert allocated.phase_peak_bytes == tracked.phase_peak_bytes
 
 
+def test_at_1x64_a_dispatch_mode_itself_raises_the_backward_peak_to_the_trackers():
+    """The one fp32 size where the instruments differ: the tracker is a TorchDispatchMode, and any such mode,
+    even one that only passes operators through, makes the step's backward peak higher (apparently autograd
+    then sums the tied embedding's two gradients into a new tensor instead of in place: three (V, C) tensors
+    are live at the tracker's peak). The allocator's records show it; the tracker measures the step it sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minilm import measure
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    cfg = Config(**VALIDATION_SHAPES["d128-L3-V1024"], max_seq_len=64, batch_size=1)
+    tracked, plain = _eager_step_both_ways(cfg)
+    model, opt, scaler, batches = measure._prepared(cfg, None, None, "cpu", "fused", 0, False, True)
+
+    def under_a_mode(set_phase):
+        with PassThrough():
+            measure._one_step(model, opt, batches, cfg, scaler, set_phase, False, True)
+
+    observed = measure.measure_cpu_allocations(under_a_mode, measure._state_bytes(model, opt, batches))
+    assert plain.peak_bytes < tracked.peak_bytes == observed.peak_bytes
+    assert plain.phase_peak_bytes["forward"] == tracked.phase_peak_bytes["forward"]
+
+
 def test_the_allocators_records_also_see_operators_inner_buffers_in_bf16():
     """In bf16, buffers allocated inside operators (never returned) raise the peak: only the allocator sees them."""
     cfg = Config(**VALIDATION_SHAPES["d128-L3-V1024"], max_seq_len=256, batch_size=4, bf16=True)
