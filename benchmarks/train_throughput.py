@@ -91,9 +91,16 @@ from minilm.model import GPT  # noqa: E402
 from minilm.optim import make_optimizer  # noqa: E402
 from minilm.precision import autocast_dtype, cpu_supports_bf16  # noqa: E402
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
-# oneDNN's Linear with a fused bias: what minilm.aten_ops.linear runs in a compiled CPU bf16 step
-MATMUL_OPS += ("mkldnn::_linear_pointwise",)
+# The matmuls: ATen's, and oneDNN's fused-bias Linear (minilm.aten_ops.linear, compiled on a CPU in bf16)
+MATMUL_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::baddbmm",
+    "mkldnn::_linear_pointwise",
+)
 
 # Benchmark shapes: tiny at its own training shape; small at a modest one that fits a CPU minute.
 SHAPES = {"tiny": (32, 128), "small": (4, 256)}  # name -> (batch, seq)

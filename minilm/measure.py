@@ -173,6 +173,11 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield v
 
 
+def _state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, batches) -> list[torch.Tensor]:
+    """What is alive before a step starts: parameters, optimizer state and the batch."""
+    return [*model.parameters(), *_optimizer_tensors(opt), *(t for bt in batches for t in bt)]
+
+
 def _micro_steps(cfg: Config) -> int:
     # Micro-batch 2 onward all look alike (gradients already exist), so two are enough.
     return min(cfg.grad_accumulation_steps, 2)
@@ -235,6 +240,7 @@ def measure_training_step(
     record: bool = False,
     chunked_loss: bool = False,
     compiled: bool = False,
+    instrument: str | None = None,
 ) -> MeasuredMemory:
     """Build ``GPT(cfg)``, take one warm-up step, then measure the peak of the next step.
 
@@ -251,7 +257,14 @@ def measure_training_step(
     as the trainer compiles it (after a second warm-up step, which compiles). Inductor's
     buffers are allocated outside the dispatcher, where :class:`LiveStorageTracker` cannot
     see them, so on a CPU the compiled step is measured by :func:`measure_cpu_allocations`.
+    ``instrument`` chooses on a CPU: 'tracker' (the default eagerly; no compiled step) or
+    'allocator' (the default compiled).
     """
+    instrument = instrument or ("allocator" if compiled else "tracker")
+    if instrument not in ("tracker", "allocator"):
+        raise ValueError(f"instrument must be 'tracker' or 'allocator', got {instrument!r}")
+    if compiled and instrument == "tracker":
+        raise ValueError("the tracker cannot see a compiled step's buffers: use instrument='allocator'")
     model, opt, scaler, batches = _prepared(
         cfg, batch_size, seq_len, device, optimizer, seed, keep_logits, chunked_loss
     )
@@ -263,13 +276,14 @@ def measure_training_step(
         _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits, chunked_loss)
     if device.type == "cuda":
         return _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits, chunked_loss)
-    if compiled:
+    alive = _state_tensors(model, opt, batches)
+    if instrument == "allocator":
         return measure_cpu_allocations(
             lambda set_phase: _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits, chunked_loss),
-            _state_bytes(model, opt, batches),
+            sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in alive}.values()),
         )
     tracker = LiveStorageTracker(device.type, record=record)
-    tracker.track(list(model.parameters()) + list(_optimizer_tensors(opt)) + [t for bt in batches for t in bt])
+    tracker.track(alive)
     start = tracker.current
     with tracker:
         _one_step(model, opt, batches, cfg, scaler, tracker.set_phase, keep_logits, chunked_loss)
@@ -285,12 +299,6 @@ def measure_training_step(
 
 
 _PHASE_MARK = "minilm.measure.phase:"
-
-
-def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, batches) -> int:
-    """Bytes alive before a step starts: parameters, optimizer state and the batch."""
-    tensors = [*model.parameters(), *_optimizer_tensors(opt), *(t for bt in batches for t in bt)]
-    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def measure_cpu_allocations(run: Callable[[Callable[[str], None]], None], start_bytes: int) -> MeasuredMemory:

@@ -246,15 +246,8 @@ def test_compiled_cpu_bf16_step_adds_attentions_backward_working_set():
 
 def _eager_step_both_ways(cfg):
     """(LiveStorageTracker's measurement, the CPU allocator's) of one eager step."""
-    from minilm import measure
-
     tracked = measure_training_step(cfg, chunked_loss=True)
-    model, opt, scaler, batches = measure._prepared(cfg, None, None, "cpu", "fused", 0, False, True)
-    allocated = measure.measure_cpu_allocations(
-        lambda set_phase: measure._one_step(model, opt, batches, cfg, scaler, set_phase, False, True),
-        measure._state_bytes(model, opt, batches),
-    )
-    return tracked, allocated
+    return tracked, measure_training_step(cfg, chunked_loss=True, instrument="allocator")
 
 
 @pytest.mark.parametrize("b,s", [(4, 256), (1, 256), (4, 64)])
@@ -274,21 +267,14 @@ def test_at_1x64_a_dispatch_mode_itself_raises_the_backward_peak_to_the_trackers
     are live at the tracker's peak). The allocator's records show it; the tracker measures the step it sees."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from minilm import measure
-
     class PassThrough(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     cfg = Config(**VALIDATION_SHAPES["d128-L3-V1024"], max_seq_len=64, batch_size=1)
     tracked, plain = _eager_step_both_ways(cfg)
-    model, opt, scaler, batches = measure._prepared(cfg, None, None, "cpu", "fused", 0, False, True)
-
-    def under_a_mode(set_phase):
-        with PassThrough():
-            measure._one_step(model, opt, batches, cfg, scaler, set_phase, False, True)
-
-    observed = measure.measure_cpu_allocations(under_a_mode, measure._state_bytes(model, opt, batches))
+    with PassThrough():
+        observed = measure_training_step(cfg, chunked_loss=True, instrument="allocator")
     assert plain.peak_bytes < tracked.peak_bytes == observed.peak_bytes
     assert plain.phase_peak_bytes["forward"] == tracked.phase_peak_bytes["forward"]
 
@@ -327,3 +313,11 @@ def test_compiled_estimate_never_low_by_more_than_10_percent_nor_high_by_more_th
     assert -TOLERANCE <= err <= 2 * TOLERANCE, (
         f"estimated {est.peak_bytes:,} measured {measured.peak_bytes:,} ({err:+.2%})"
     )
+
+
+def test_instrument_is_checked_and_the_tracker_refuses_a_compiled_step():
+    cfg = Config(**VARIANT_BASE)
+    with pytest.raises(ValueError, match="'tracker' or 'allocator'"):
+        measure_training_step(cfg, instrument="ruler")
+    with pytest.raises(ValueError, match="cannot see a compiled step"):
+        measure_training_step(cfg, compiled=True, instrument="tracker")
