@@ -265,6 +265,8 @@ def measure_training_step(
         raise ValueError(f"instrument must be 'tracker' or 'allocator', got {instrument!r}")
     if compiled and instrument == "tracker":
         raise ValueError("the tracker cannot see a compiled step's buffers: use instrument='allocator'")
+    if record and instrument == "allocator":
+        raise ValueError("record=True keeps the tracker's per-operator timeline: use instrument='tracker'")
     model, opt, scaler, batches = _prepared(
         cfg, batch_size, seq_len, device, optimizer, seed, keep_logits, chunked_loss
     )

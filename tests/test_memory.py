@@ -321,3 +321,5 @@ def test_instrument_is_checked_and_the_tracker_refuses_a_compiled_step():
         measure_training_step(cfg, instrument="ruler")
     with pytest.raises(ValueError, match="cannot see a compiled step"):
         measure_training_step(cfg, compiled=True, instrument="tracker")
+    with pytest.raises(ValueError, match="record=True"):
+        measure_training_step(cfg, instrument="allocator", record=True)
