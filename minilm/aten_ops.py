@@ -47,8 +47,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-# Whether this build has oneDNN, asked once: torch.compile cannot trace the question (a graph break).
-ONEDNN = torch.backends.mkldnn.is_available()
+
+def _onednn_bf16() -> bool:
+    """Whether this build has oneDNN and oneDNN has bf16 matmuls on this CPU: not on one with AVX2 only,
+    where creating one fails ("could not create a primitive descriptor"); AVX-512 emulates them."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # what inductor's oneDNN passes ask
+    except (AttributeError, RuntimeError):  # an older torch without the question: assume not
+        return False
+
+
+# Asked once: torch.compile cannot trace the question (a graph break).
+ONEDNN_BF16 = _onednn_bf16()
 
 
 def use_aten_ops(x: torch.Tensor) -> bool:
@@ -168,8 +180,8 @@ def _linear_flops(x_shape, w_shape, b_shape, out_shape=None, **kwargs) -> int:
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` through :func:`linear` when compiling for a CPU in bf16 (autocast or
-    bf16 tensors) with a bias and oneDNN; None otherwise (the caller runs F.linear)."""
-    if bias is None or not ONEDNN or not use_aten_ops(x):
+    bf16 tensors) with a bias and oneDNN's bf16 matmul; None otherwise (the caller runs F.linear)."""
+    if bias is None or not ONEDNN_BF16 or not use_aten_ops(x):
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if dtype != torch.bfloat16:
