@@ -28,9 +28,9 @@ Values and gradients equal the modules' eager ones (``tests/test_model.py``).
 Not used eagerly in fp32, though measured there too (tiny config, 32 x 128, one thread, Xeon with
 AMX, in-process A/B runs of 20 alternating steps): all four Linear layers through :func:`linear`
 ran the step in 0.963, 0.956 and 0.969 of addmm's time, all but the MLP's output projection in
-1.002, 1.001 and 0.992, and that one alone in 0.982, 0.998 and 0.973: the gain is its (4096, 512) x
-(512, 128) matmul's (while the machine got busier, hence the spread); at the small
-config's 4 x 256, 0.985 to 1.022 (noise). That layer cannot switch: gradient checkpointing's
+1.002, 1.001 and 0.992, and that one alone in 0.982, 0.998 and 0.973 (the machine got busier, hence
+the spread): the gain is its (4096, 512) x (512, 128) matmul's. At the small config's 4 x 256 all four
+ran in 0.985 to 1.022 (noise). That layer cannot switch: gradient checkpointing's
 recompute stops once every tensor the backward needs is saved again, and addmm saves its inputs
 before it computes (a custom operator only after), so the block's last matmul is never re-run;
 through :func:`linear` it would be, or, left to addmm under checkpointing only, checkpointing

@@ -177,6 +177,19 @@ def test_compiled_bf16_linear_on_cpu_runs_onednns_fused_bias_with_the_same_gradi
     assert "minilm.linear.default" not in tracer.graphs["forward"]
 
 
+def test_onednn_bf16_says_whether_onednns_bf16_matmul_runs_here():
+    """ONEDNN_BF16 (asked once at import) must match what oneDNN does on this CPU: where it says no (AVX2 only),
+    creating the bf16 matmul fails, and compiling in bf16 must then keep addmm."""
+    from minilm import aten_ops
+
+    x, w, b = (torch.randn(*shape).bfloat16() for shape in ((6, 16), (24, 16), (24,)))
+    if aten_ops.ONEDNN_BF16:
+        torch.testing.assert_close(aten_ops.linear(x, w, b), torch.addmm(b, x, w.t()), rtol=0, atol=0)
+    elif torch.backends.mkldnn.is_available():
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
 def test_minilm_linear_counts_the_flops_of_the_matmul_it_replaces():
     """FlopCounterMode counts minilm::linear as it counts F.linear (addmm: the matmul's 2·N·in·out)."""
     from torch.utils.flop_counter import FlopCounterMode
