@@ -20,8 +20,8 @@ A/B run of 12 alternating steps), and the outputs are bit-identical to addmm's.
 
 :class:`minilm.blocks.MLP`, :class:`LayerNorm` and :class:`Linear` use them only when compiling on
 a CPU (Linear only in bf16: in fp32, oneDNN's matmul was slower than addmm's at the small
-config's shapes). Eagerly GELU and LayerNorm would be the same kernels behind an extra call, and
-on a GPU inductor's own code is good.
+config's shapes; eagerly, see the last paragraph). Eagerly GELU and LayerNorm would be the same
+kernels behind an extra call, and on a GPU inductor's own code is good.
 
 Values and gradients equal the modules' eager ones (``tests/test_model.py``).
 

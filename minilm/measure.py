@@ -173,11 +173,6 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
                 yield v
 
 
-def _state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, batches) -> list[torch.Tensor]:
-    """What is alive before a step starts: parameters, optimizer state and the batch."""
-    return [*model.parameters(), *_optimizer_tensors(opt), *(t for bt in batches for t in bt)]
-
-
 def _micro_steps(cfg: Config) -> int:
     # Micro-batch 2 onward all look alike (gradients already exist), so two are enough.
     return min(cfg.grad_accumulation_steps, 2)
@@ -278,15 +273,14 @@ def measure_training_step(
         _one_step(model, opt, batches, cfg, scaler, lambda phase: None, keep_logits, chunked_loss)
     if device.type == "cuda":
         return _measure_cuda(model, opt, batches, cfg, scaler, device, keep_logits, chunked_loss)
-    alive = _state_tensors(model, opt, batches)
+    tracker = LiveStorageTracker(device.type, record=record)
+    # Alive before the step (parameters, optimizer state, the batch), each storage counted once.
+    tracker.track([*model.parameters(), *_optimizer_tensors(opt), *(t for bt in batches for t in bt)])
+    start = tracker.current
     if instrument == "allocator":
         return measure_cpu_allocations(
-            lambda set_phase: _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits, chunked_loss),
-            sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in alive}.values()),
+            lambda set_phase: _one_step(model, opt, batches, cfg, scaler, set_phase, keep_logits, chunked_loss), start
         )
-    tracker = LiveStorageTracker(device.type, record=record)
-    tracker.track(alive)
-    start = tracker.current
     with tracker:
         _one_step(model, opt, batches, cfg, scaler, tracker.set_phase, keep_logits, chunked_loss)
     return MeasuredMemory(
