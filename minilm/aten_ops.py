@@ -25,22 +25,24 @@ kernels behind an extra call, and on a GPU inductor's own code is good.
 
 Values and gradients equal the modules' eager ones (``tests/test_model.py``).
 
-Not used eagerly in fp32, though measured there too (tiny config, 32 x 128, one thread, Xeon with
-AMX, in-process A/B runs of 20 alternating steps): all four Linear layers through :func:`linear`
-ran the step in 0.963, 0.956 and 0.969 of addmm's time, all but the MLP's output projection in
-1.002, 1.001 and 0.992, and that one alone in 0.982, 0.998 and 0.973 (the machine got busier, hence
-the spread): the gain is its (4096, 512) x (512, 128) matmul's. At the small config's 4 x 256 all four
-ran in 0.985 to 1.022 (noise). That layer cannot switch: gradient checkpointing's
-recompute stops once every tensor the backward needs is saved again, and addmm saves its inputs
-before it computes (a custom operator only after), so the block's last matmul is never re-run;
-through :func:`linear` it would be, or, left to addmm under checkpointing only, checkpointing
-would no longer give the bit-identical losses lesson 7 shows (oneDNN's and MKL's fp32 sums differ
-in the last bits at K = 512 on AVX-512, and at almost every shape with both libraries held to AVX2).
+Eagerly in fp32 on an x86 CPU, the MLP's output projection runs through :func:`linear` too
+(:func:`fp32_linear`; the other Linear layers stay addmm). Measured on the tiny config (32 x 128, one
+thread, Xeon with AMX, in-process A/B runs of 20-40 alternating steps): all four Linear layers
+through :func:`linear` ran the step in 0.963, 0.956 and 0.969 of addmm's time, all but the MLP's
+output projection in 1.002, 1.001 and 0.992, and that one alone in 0.980 to 0.990 (six runs; 0.990
+with MKL and oneDNN held to AVX2): the gain is its (4096, 512) x (512, 128) matmul's, which MKL
+runs slower with the weight transposed. At the small config's 4 x 256 it is noise (1.002).
+A custom operator alone would have cost gradient checkpointing a matmul: its recompute stops once
+every tensor the backward needs is saved again, and ATen's addmm saves its inputs before it
+computes, a custom operator only after, so a block's last matmul would be re-run for nothing.
+:func:`fp32_linear` saves first, as addmm does (checkpointed and plain runs use the same kernel,
+so lesson 7's bit-identical losses hold; oneDNN's and MKL's fp32 sums differ in the last bits).
 """
 
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,8 @@ def _onednn_bf16() -> bool:
 
 # Asked once: torch.compile cannot trace the question (a graph break).
 ONEDNN_BF16 = _onednn_bf16()
+# oneDNN's fp32 matmul for :func:`fp32_linear`: measured faster on x86 CPUs only (with and without AVX-512).
+ONEDNN_FP32 = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def use_aten_ops(x: torch.Tensor) -> bool:
@@ -225,11 +229,68 @@ def _matmul_nt_flops(a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(a_shape) * b_shape[-2]  # (..., M, K) @ (..., K, N): 2·M·K·N per batch entry
 
 
+# --- Linear in fp32, eagerly: oneDNN's matmul, its inputs saved before it runs -------------------
+class _SaveLinearInputs(torch.autograd.Function):
+    """The backward of ``x · weightᵀ + bias``. Its forward only saves x and weight and returns a free
+    stand-in for the output (a zero broadcast to (N, out)) for :class:`_LinearProduct`, which computes
+    it: so the inputs are saved before the product exists, as ATen's addmm saves them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return x.new_zeros(()).expand(x.shape[0], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _linear_backward(ctx, grad)
+
+
+class _LinearProduct(torch.autograd.Function):
+    """x (N, in) · weightᵀ + bias through :func:`linear`; the output's gradient goes to the stand-in."""
+
+    @staticmethod
+    def forward(ctx, stand_in: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad, None, None, None
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` through oneDNN's fused-bias matmul, eagerly, for fp32 tensors on an
+    x86 CPU outside autocast, with a bias; None otherwise (the caller runs F.linear).
+
+    With gradients, two autograd nodes: one saves x and weight, the next computes. Gradient
+    checkpointing's recompute then stops at the first, as it does at addmm, never re-running the
+    product (see the module docstring).
+    """
+    fp32 = x.dtype == weight.dtype == torch.float32
+    if bias is None or not ONEDNN_FP32 or x.device.type != "cpu" or not fp32 or torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return None
+    flat = x.reshape(-1, x.shape[-1])  # (N, in)
+    if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or bias.requires_grad):
+        stand_in = _SaveLinearInputs.apply(flat, weight, bias)
+        y = _LinearProduct.apply(stand_in, flat.detach(), weight.detach(), bias.detach())
+    else:
+        y = linear(flat, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state dict), through :func:`linear` when compiling on a CPU in bf16."""
+    """``nn.Linear`` (same parameters, same state dict), through :func:`linear` when compiling on a CPU in
+    bf16, and eagerly in fp32 with ``onednn_fp32`` (:func:`fp32_linear`: the MLP's output projection)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, onednn_fp32: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.onednn_fp32 = onednn_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = bf16_linear(x, self.weight, self.bias)
+        if y is None and self.onednn_fp32:
+            y = fp32_linear(x, self.weight, self.bias)
         return super().forward(x) if y is None else y
 
 

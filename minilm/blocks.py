@@ -18,7 +18,7 @@ class MLP(nn.Module):
         self.fc = aten_ops.Linear(d_model, d_ff, bias=bias)
         # GPT-2 used the tanh approximation ("gelu_new"); exact GELU is the modern default.
         self.act = nn.GELU(approximate="tanh" if activation == "gelu_tanh" else "none")
-        self.proj = aten_ops.Linear(d_ff, d_model, bias=bias)
+        self.proj = aten_ops.Linear(d_ff, d_model, bias=bias, onednn_fp32=True)  # see aten_ops.fp32_linear
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)

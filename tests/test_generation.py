@@ -38,7 +38,9 @@ def test_cached_logits_equal_uncached(impl):
         for t in range(5, 12):
             step_logits, _ = model(idx[:, t : t + 1], cache=cache)
             full, _ = model(idx[:, : t + 1])
-            assert torch.allclose(step_logits[:, -1], full[:, -1], atol=1e-4), t
+            # The same sums over fewer rows, which the matmul kernels block differently: last-bit differences,
+            # grown by the 8x weights to ~1e-4 on logits of up to ~25 (a wrong cache is off by ~1).
+            assert torch.allclose(step_logits[:, -1], full[:, -1], atol=2e-4), t
         assert len(cache[0]) == 12 and cache[0].k.shape == (2, 4, 12, 8)
 
 

@@ -190,6 +190,67 @@ def test_onednn_bf16_says_whether_onednns_bf16_matmul_runs_here():
             torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts each operator called beneath it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_fp32_linear_is_onednns_with_addmms_gradients():
+    """With onednn_fp32 (the MLP's output projection), an eager fp32 Linear on an x86 CPU runs minilm::linear:
+    values and gradients as F.linear's (only the sums' rounding differs), with and without gradients."""
+    import torch.nn.functional as F
+
+    from minilm import aten_ops
+
+    torch.manual_seed(0)
+    lin = aten_ops.Linear(64, 16, onednn_fp32=True)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    with _CountOps() as ops:
+        y = lin(x)
+    assert ("minilm.linear.default" in ops.calls) == aten_ops.ONEDNN_FP32
+    assert "aten.addmm.default" not in ops.calls or not aten_ops.ONEDNN_FP32
+    y_ref = F.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(y, y_ref)
+    grads = torch.autograd.grad(y.square().sum(), (x, lin.weight, lin.bias))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, lin.weight, lin.bias))
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), y, rtol=0, atol=0)  # the same kernel without autograd
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16  # under autocast: F.linear, as autocast casts it
+
+
+def test_checkpointing_never_reruns_the_eager_fp32_linear_and_changes_no_bit():
+    """Checkpointing's recompute stops once every tensor the backward needs is saved again. fp32_linear saves
+    its inputs before it computes (as addmm does), so the block's last matmul, the MLP's output projection,
+    runs once per block in forward and never in the recompute; and both runs use the same kernels, so the
+    loss and every gradient are the same to the bit."""
+    from minilm import aten_ops
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(micro(bias=True, gradient_checkpointing=checkpointing))
+        ids = torch.randint(0, 97, (2, 24))
+        with _CountOps() as ops:
+            _, loss = model(ids, ids, return_logits=False)
+            loss.backward()
+        assert ops.calls.get("minilm.linear.default", 0) == (model.cfg.n_layers if aten_ops.ONEDNN_FP32 else 0)
+        results.append((loss, [p.grad for p in model.parameters()]))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for a, b in zip(grads_ckpt, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_minilm_linear_counts_the_flops_of_the_matmul_it_replaces():
     """FlopCounterMode counts minilm::linear as it counts F.linear (addmm: the matmul's 2·N·in·out)."""
     from torch.utils.flop_counter import FlopCounterMode
