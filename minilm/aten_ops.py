@@ -13,15 +13,16 @@ gains do not add up: both together with inductor's C++ wrapper (``compile_policy
 against none of the three measured 0-2% (0.978 and 1.000 of the step time, 16 and 14 steps), on
 a shared machine where such runs scatter by about 3%.
 
-The Linear operator is oneDNN's bf16 matmul with the bias added in its epilogue. Inductor's
+The Linear operator is oneDNN's matmul with the bias added in its epilogue. In bf16, inductor's
 addmm (like eager's) first copies the broadcast bias into the output and then accumulates the
 product onto it, ~0.25 ms per (1024, 2048) output; the step ran 2.0% faster with it (an in-process
 A/B run of 12 alternating steps), and the outputs are bit-identical to addmm's.
 
-:class:`minilm.blocks.MLP`, :class:`LayerNorm` and :class:`Linear` use them only when compiling on
-a CPU (Linear only in bf16: in fp32, oneDNN's matmul was slower than addmm's at the small
-config's shapes; eagerly, see the last paragraph). Eagerly GELU and LayerNorm would be the same
-kernels behind an extra call, and on a GPU inductor's own code is good.
+:class:`minilm.blocks.MLP`, :class:`LayerNorm` and :class:`Linear` use them when compiling on a
+CPU (Linear in bf16 only: compiled in fp32, oneDNN's matmul was slower than addmm's at the small
+config's shapes), and the MLP's output projection eagerly in fp32 too (the last paragraph).
+Eagerly GELU and LayerNorm would be the same kernels behind an extra call, and on a GPU
+inductor's own code is good.
 
 Values and gradients equal the modules' eager ones (``tests/test_model.py``).
 
@@ -31,7 +32,9 @@ thread, Xeon with AMX, in-process A/B runs of 20-40 alternating steps): all four
 through :func:`linear` ran the step in 0.963, 0.956 and 0.969 of addmm's time, all but the MLP's
 output projection in 1.002, 1.001 and 0.992, and that one alone in 0.980 to 0.990 (six runs; 0.990
 with MKL and oneDNN held to AVX2): the gain is its (4096, 512) x (512, 128) matmul's, which MKL
-runs slower with the weight transposed. At the small config's 4 x 256 it is noise (1.002).
+runs slower with the weight transposed. At the small config's 4 x 256 it is noise (1.002). The
+whole tiny step against nanoGPT's (same process, same weights, 40 alternating rounds) ran at 1.005
+and 1.015 of its speed with it, 0.989 to 0.998 without.
 A custom operator alone would have cost gradient checkpointing a matmul: its recompute stops once
 every tensor the backward needs is saved again, and ATen's addmm saves its inputs before it
 computes, a custom operator only after, so a block's last matmul would be re-run for nothing.
