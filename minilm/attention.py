@@ -84,6 +84,9 @@ class CausalAttentionCPU(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, y, lse = ctx.saved_tensors  # lse: (B, H, T) fp32
         T, scale = q.shape[-2], q.shape[-1] ** -0.5
+        # Measured no faster in the compiled small step (in-process A/B, 14 steps): dP before P, which lets
+        # inductor compute P and dS in one loop without writing P in fp32 (1.005 of the time), and the
+        # queries in two causal blocks, a quarter fewer scores (1.005).
         # Eagerly a backward runs without autocast; traced by torch.compile it ran under the forward's,
         # which made the fp32 score matmuls bf16 ones (scores rounded to bf16). The precisions are set here.
         with torch.autocast(q.device.type, enabled=False):
