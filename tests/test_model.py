@@ -168,6 +168,8 @@ def test_compiled_bf16_linear_on_cpu_runs_onednns_fused_bias_with_the_same_gradi
     )
     # Not where oneDNN has no bf16 matmul (a CPU with AVX2 only): there addmm, as eagerly.
     assert ("minilm.linear.default" in tracer.graphs["forward"]) == (bias and aten_ops.ONEDNN_BF16)
+    # Its weight gradient: gradᵀ copied row-major, then minilm::mm (which keeps that layout; see _linear_backward).
+    assert ("minilm.mm.default" in tracer.graphs["backward"]) == (bias and aten_ops.ONEDNN_BF16)
     assert y_compiled.dtype == y_eager.dtype == torch.bfloat16
     torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)  # the same oneDNN matmul, rounded once
     for a, b in zip(g_compiled, g_eager, strict=True):
@@ -264,6 +266,10 @@ def test_minilm_linear_counts_the_flops_of_the_matmul_it_replaces():
             f(x, w, b)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 2 * 6 * 16 * 24
+    with FlopCounterMode(display=False) as counter:
+        y = aten_ops.mm(x, w.t())
+    torch.testing.assert_close(y, x @ w.t(), rtol=0, atol=0)
+    assert counter.get_total_flops() == 2 * 6 * 16 * 24  # minilm::mm as aten.mm
 
 
 def test_the_model_compiles_to_one_graph_on_a_cpu_in_bf16():
