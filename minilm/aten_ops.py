@@ -24,7 +24,7 @@ config's shapes), and the MLP's output projection eagerly in fp32 too (the last 
 Eagerly GELU and LayerNorm would be the same kernels behind an extra call, and on a GPU
 inductor's own code is good.
 
-Values and gradients equal the modules' eager ones (``tests/test_model.py``).
+Compiled, their values and gradients equal the modules' eager ones (``tests/test_model.py``).
 
 Eagerly in fp32 on an x86 CPU, the MLP's output projection runs through :func:`linear` too
 (:func:`fp32_linear`; the other Linear layers stay addmm). Measured on the tiny config (32 x 128, one
@@ -293,10 +293,8 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     checkpointing's recompute then stops at the first, as it does at addmm, never re-running the
     product (see the module docstring).
     """
-    fp32 = x.dtype == weight.dtype == torch.float32
+    fp32 = x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
     if bias is None or not ONEDNN_FP32 or x.device.type != "cpu" or not fp32 or torch.compiler.is_compiling():
-        return None
-    if torch.is_autocast_enabled("cpu"):
         return None
     flat = x.reshape(-1, x.shape[-1])  # (N, in)
     if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or bias.requires_grad):
